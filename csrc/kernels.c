@@ -304,16 +304,16 @@ void attention_backward(float *dqkv, const float *dctx, const float *att, const 
     }
 }
 
+/* Computed in double and rounded once: float32 versions (torch's included) differ
+ * by an ulp of the frequency, which at t ~ 1000 moves the angle by ~1e-4. */
 void timestep_embedding(float *out, const float *t, size_t B, size_t D) {
     size_t half = D / 2;
-    const float neg_log_period = (float)(-9.210340371976184); /* -ln(10000), as torch casts it */
     for (size_t b = 0; b < B; b++) {
         float *o = out + b * D;
         for (size_t k = 0; k < half; k++) {
-            float f = expf(((float)k * neg_log_period) / (float)half);
-            float a = t[b] * f;
-            o[k] = cosf(a);
-            o[half + k] = sinf(a);
+            double a = (double)t[b] * exp(-log(10000.0) * (double)k / (double)half);
+            o[k] = (float)cos(a);
+            o[half + k] = (float)sin(a);
         }
         if (D % 2) o[D - 1] = 0.0f;
     }
