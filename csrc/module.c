@@ -1,111 +1,15 @@
 /* dlmone._core: Python glue. Validates arguments, releases the GIL, dispatches.
- * Arrays passed in must be numpy float32 (tokens int32/int64), C-contiguous and
- * of the documented shape; anything else raises TypeError/ValueError naming the
- * argument. The Python layer (dlmone/model.py) converts user input first. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <numpy/arrayobject.h>
+ * Array arguments are checked by glue.c; the Python layer (dlmone/model.py)
+ * converts user input first. */
+#define DLMONE_IMPORT_ARRAY
+#include "glue.h"
 
 #include "kernels.h"
 #include "model.h"
-#include "optim.h"
 
 #ifndef DLMONE_CFLAGS
 #define DLMONE_CFLAGS "unknown"
 #endif
-
-/* ---------- argument validation ---------- */
-
-static const char *shape_str(char *buf, size_t n, int nd, const npy_intp *s) {
-    size_t k = (size_t)snprintf(buf, n, "(");
-    for (int i = 0; i < nd && k < n; i++)
-        k += (size_t)snprintf(buf + k, n - k, i ? ", %ld" : "%ld", (long)s[i]);
-    if (k < n) snprintf(buf + k, n - k, nd == 1 ? ",)" : ")");
-    return buf;
-}
-
-/* Borrowed check: obj must be an ndarray of dtype `type`, ndim `nd`, shape `shape`
- * (entries < 0 are free), C-contiguous, aligned, and writeable if asked. */
-static PyArrayObject *check_array(PyObject *obj, const char *name, int type, int nd,
-                                  const npy_intp *shape, int writeable) {
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
-                     Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != type) {
-        PyArray_Descr *want = PyArray_DescrFromType(type);
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %S, got %S", name, (PyObject *)want,
-                     (PyObject *)PyArray_DESCR(a));
-        Py_DECREF(want);
-        return NULL;
-    }
-    if (PyArray_NDIM(a) != nd) {
-        PyErr_Format(PyExc_ValueError, "%s must have %d dimension(s), got %d", name, nd,
-                     PyArray_NDIM(a));
-        return NULL;
-    }
-    for (int i = 0; i < nd; i++) {
-        if (shape && shape[i] >= 0 && PyArray_DIM(a, i) != shape[i]) {
-            char got[128], want[128];
-            PyErr_Format(PyExc_ValueError, "%s has shape %s, expected %s", name,
-                         shape_str(got, sizeof got, nd, PyArray_DIMS(a)),
-                         shape_str(want, sizeof want, nd, shape));
-            return NULL;
-        }
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned", name);
-        return NULL;
-    }
-    if (writeable && !PyArray_ISWRITEABLE(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be writeable", name);
-        return NULL;
-    }
-    return a;
-}
-
-static float *fdata(PyArrayObject *a) { return (float *)PyArray_DATA(a); }
-
-/* Copy int32/int64 token ids to a new int64 buffer, checking range [0, V). */
-static int64_t *tokens_to_int64(PyObject *obj, const char *name, size_t V, npy_intp *shape2) {
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of integers", name);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
-    int t = PyArray_TYPE(a);
-    if (t != NPY_INT32 && t != NPY_INT64) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype int32 or int64, got %S", name,
-                     (PyObject *)PyArray_DESCR(a));
-        return NULL;
-    }
-    if (!check_array(obj, name, t, 2, NULL, 0)) return NULL;
-    shape2[0] = PyArray_DIM(a, 0);
-    shape2[1] = PyArray_DIM(a, 1);
-    size_t n = (size_t)shape2[0] * (size_t)shape2[1];
-    int64_t *out = malloc((n ? n : 1) * sizeof(int64_t));
-    if (!out) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    for (size_t i = 0; i < n; i++) {
-        int64_t v = t == NPY_INT32 ? ((int32_t *)PyArray_DATA(a))[i] : ((int64_t *)PyArray_DATA(a))[i];
-        if (v < 0 || (uint64_t)v >= V) {
-            PyErr_Format(PyExc_ValueError, "%s contains id %lld outside [0, %zu)", name,
-                         (long long)v, V);
-            free(out);
-            return NULL;
-        }
-        out[i] = v;
-    }
-    return out;
-}
-
-static PyObject *new_float_array(int nd, const npy_intp *shape) {
-    return PyArray_SimpleNew(nd, (npy_intp *)shape, NPY_FLOAT32);
-}
 
 /* ---------- Model type ---------- */
 
@@ -345,26 +249,6 @@ static PyObject *Model_hidden(ModelObject *self, PyObject *unused) {
     return h;
 }
 
-/* h [..., E] with any leading shape; returns the row count or -1. */
-static PyArrayObject *check_rows(PyObject *o, const char *name, size_t width, size_t *rows) {
-    if (!PyArray_Check(o)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name, Py_TYPE(o)->tp_name);
-        return NULL;
-    }
-    int nd = PyArray_NDIM((PyArrayObject *)o);
-    if (nd < 1) {
-        PyErr_Format(PyExc_ValueError, "%s must have at least 1 dimension", name);
-        return NULL;
-    }
-    npy_intp shape[NPY_MAXDIMS];
-    for (int i = 0; i < nd; i++) shape[i] = -1;
-    shape[nd - 1] = (npy_intp)width;
-    PyArrayObject *a = check_array(o, name, NPY_FLOAT32, nd, shape, 0);
-    if (!a) return NULL;
-    *rows = (size_t)(PyArray_SIZE(a) / (npy_intp)width);
-    return a;
-}
-
 static PyObject *Model_logits(ModelObject *self, PyObject *args) {
     PyObject *ho;
     if (!PyArg_ParseTuple(args, "O", &ho)) return NULL;
@@ -499,102 +383,6 @@ static PyTypeObject ModelType = {
     .tp_new = PyType_GenericNew,
 };
 
-/* ---------- optimiser functions ---------- */
-
-static PyArrayObject *flat(PyObject *o, const char *name, npy_intp n, int writeable) {
-    npy_intp s[1] = {n};
-    return check_array(o, name, NPY_FLOAT32, 1, s, writeable);
-}
-
-static PyObject *py_adamw_step(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"params", "grads", "m", "v", "lr", "beta1", "beta2", "eps",
-                             "weight_decay", "step", NULL};
-    PyObject *po, *go, *mo, *vo;
-    float lr, b1, b2, eps, wd;
-    long step;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOfffffl", kwlist, &po, &go, &mo, &vo, &lr, &b1,
-                                     &b2, &eps, &wd, &step))
-        return NULL;
-    PyArrayObject *p = check_array(po, "params", NPY_FLOAT32, 1, NULL, 1);
-    if (!p) return NULL;
-    npy_intp n = PyArray_DIM(p, 0);
-    PyArrayObject *g = flat(go, "grads", n, 0), *m = g ? flat(mo, "m", n, 1) : NULL,
-                  *v = m ? flat(vo, "v", n, 1) : NULL;
-    if (!v) return NULL;
-    if (step < 1) return PyErr_Format(PyExc_ValueError, "step must be >= 1, got %ld", step);
-    if (!(b1 >= 0.0f && b1 < 1.0f) || !(b2 >= 0.0f && b2 < 1.0f))
-        return PyErr_Format(PyExc_ValueError, "betas must be in [0, 1), got (%g, %g)", b1, b2);
-    Py_BEGIN_ALLOW_THREADS
-    adamw_step(fdata(p), fdata(g), fdata(m), fdata(v), (size_t)n, lr, b1, b2, eps, wd, step);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_clip_by_value(PyObject *mod, PyObject *args) {
-    PyObject *go;
-    float c;
-    if (!PyArg_ParseTuple(args, "Of", &go, &c)) return NULL;
-    PyArrayObject *g = check_array(go, "grads", NPY_FLOAT32, 1, NULL, 1);
-    if (!g) return NULL;
-    if (!(c > 0.0f)) return PyErr_Format(PyExc_ValueError, "clip_value must be positive, got %g", c);
-    Py_BEGIN_ALLOW_THREADS
-    clip_by_value(fdata(g), (size_t)PyArray_DIM(g, 0), c);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_global_norm(PyObject *mod, PyObject *args) {
-    PyObject *go;
-    if (!PyArg_ParseTuple(args, "O", &go)) return NULL;
-    PyArrayObject *g = check_array(go, "grads", NPY_FLOAT32, 1, NULL, 0);
-    if (!g) return NULL;
-    double r;
-    Py_BEGIN_ALLOW_THREADS
-    r = global_norm(fdata(g), (size_t)PyArray_DIM(g, 0));
-    Py_END_ALLOW_THREADS
-    return PyFloat_FromDouble(r);
-}
-
-static PyObject *py_scale(PyObject *mod, PyObject *args) {
-    PyObject *go;
-    float s;
-    if (!PyArg_ParseTuple(args, "Of", &go, &s)) return NULL;
-    PyArrayObject *g = check_array(go, "x", NPY_FLOAT32, 1, NULL, 1);
-    if (!g) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    scale_inplace(fdata(g), (size_t)PyArray_DIM(g, 0), s);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_ema_update(PyObject *mod, PyObject *args) {
-    PyObject *eo, *po;
-    float decay;
-    if (!PyArg_ParseTuple(args, "OOf", &eo, &po, &decay)) return NULL;
-    PyArrayObject *e = check_array(eo, "ema", NPY_FLOAT32, 1, NULL, 1);
-    if (!e) return NULL;
-    PyArrayObject *p = flat(po, "params", PyArray_DIM(e, 0), 0);
-    if (!p) return NULL;
-    if (!(decay >= 0.0f && decay <= 1.0f))
-        return PyErr_Format(PyExc_ValueError, "decay must be in [0, 1], got %g", decay);
-    Py_BEGIN_ALLOW_THREADS
-    ema_update(fdata(e), fdata(p), (size_t)PyArray_DIM(e, 0), decay);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_count_nonfinite(PyObject *mod, PyObject *args) {
-    PyObject *xo;
-    if (!PyArg_ParseTuple(args, "O", &xo)) return NULL;
-    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, 1, NULL, 0);
-    if (!x) return NULL;
-    size_t r;
-    Py_BEGIN_ALLOW_THREADS
-    r = count_nonfinite(fdata(x), (size_t)PyArray_DIM(x, 0));
-    Py_END_ALLOW_THREADS
-    return PyLong_FromSize_t(r);
-}
-
 /* ---------- threads and build info ---------- */
 
 static PyObject *py_set_num_threads(PyObject *mod, PyObject *args) {
@@ -625,13 +413,6 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
 }
 
 static PyMethodDef module_methods[] = {
-    {"adamw_step", (PyCFunction)(void (*)(void))py_adamw_step, METH_VARARGS | METH_KEYWORDS,
-     "adamw_step(params, grads, m, v, lr, beta1, beta2, eps, weight_decay, step)"},
-    {"clip_by_value", py_clip_by_value, METH_VARARGS, "clip_by_value(grads, c): in place"},
-    {"global_norm", py_global_norm, METH_VARARGS, "global_norm(grads) -> float (L2)"},
-    {"scale", py_scale, METH_VARARGS, "scale(x, s): x *= s in place"},
-    {"ema_update", py_ema_update, METH_VARARGS, "ema_update(ema, params, decay): in place"},
-    {"count_nonfinite", py_count_nonfinite, METH_VARARGS, "count_nonfinite(x) -> int"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict"},
@@ -646,6 +427,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&ModelType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
+    if (PyModule_AddFunctions(m, optim_methods) < 0 || PyModule_AddFunctions(m, diffusion_methods) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&ModelType);
     if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
         Py_DECREF(&ModelType);

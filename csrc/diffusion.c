@@ -1,0 +1,156 @@
+/* Diffusion kernels: schedule, noising, loss terms, sampler steps, decoding. */
+#include "diffusion.h"
+
+static double abar_sqrt(double s) { return 1.0 - sqrt(s + 1e-4); }
+
+void sqrt_schedule(double *betas, double *alphas_cumprod, size_t T) {
+    double prod = 1.0;
+    for (size_t i = 0; i < T; i++) {
+        double b = 1.0 - abar_sqrt((double)(i + 1) / (double)T) / abar_sqrt((double)i / (double)T);
+        if (b > 0.999) b = 0.999;
+        betas[i] = b;
+        prod *= 1.0 - b;
+        alphas_cumprod[i] = prod;
+    }
+}
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+void gaussian_fill(float *out, size_t n, uint64_t seed) {
+    uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ULL);
+    size_t pairs = (n + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < pairs; i++) {
+        uint64_t r1 = mix64(key ^ mix64(2 * i + 1)), r2 = mix64(key ^ mix64(2 * i + 2));
+        double u1 = ((r1 >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+        double u2 = (r2 >> 11) * (1.0 / 9007199254740992.0);
+        double rad = sqrt(-2.0 * log(u1)), ang = 6.283185307179586 * u2;
+        out[2 * i] = (float)(rad * cos(ang));
+        if (2 * i + 1 < n) out[2 * i + 1] = (float)(rad * sin(ang));
+    }
+}
+
+void q_sample(float *xt, const float *x0, const float *noise, const float *a, const float *s,
+              const float *mask, size_t B, size_t L, size_t E) {
+#pragma omp parallel for schedule(static)
+    for (size_t r = 0; r < B * L; r++) {
+        size_t b = r / L;
+        const float *x = x0 + r * E, *z = noise + r * E;
+        float *o = xt + r * E;
+        if (mask[r] != 0.0f) {
+            float ab = a[b], sb = s[b];
+#pragma omp simd
+            for (size_t e = 0; e < E; e++) o[e] = ab * x[e] + sb * z[e];
+        } else if (o != x) {
+            memcpy(o, x, E * sizeof(float));
+        }
+    }
+}
+
+void mse_loss(float *mse, float *grad_f, const float *f, const float *x0, const float *x0_mean,
+              const uint8_t *use_mean, const float *weight, size_t B, size_t L, size_t E) {
+    size_t n = L * E;
+#pragma omp parallel for schedule(static)
+    for (size_t b = 0; b < B; b++) {
+        const float *fb = f + b * n, *tb = (use_mean[b] ? x0_mean : x0) + b * n;
+        float *gb = grad_f + b * n;
+        float g = weight[b] * 2.0f / (float)n;
+        double s = 0.0;
+        for (size_t i = 0; i < n; i++) {
+            float d = fb[i] - tb[i];
+            s += (double)d * d;
+            gb[i] = g * d;
+        }
+        mse[b] = (float)(s / (double)n);
+    }
+}
+
+void cross_entropy(float *nll, float *logits, const int64_t *target, const float *scale,
+                   size_t M, size_t V) {
+#pragma omp parallel for schedule(static)
+    for (size_t m = 0; m < M; m++) {
+        float *z = logits + m * V, mx = z[0];
+        for (size_t v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
+        float s = 0.0f;
+        for (size_t v = 0; v < V; v++) {
+            z[v] = expf(z[v] - mx);
+            s += z[v];
+        }
+        size_t y = (size_t)target[m];
+        nll[m] = logf(s) - logf(z[y]);
+        float k = scale[m] / s;
+#pragma omp simd
+        for (size_t v = 0; v < V; v++) z[v] *= k;
+        z[y] -= scale[m];
+    }
+}
+
+#define ARGMAX_ROWS 64
+
+void affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,
+                   const uint8_t *active, size_t M, size_t E, size_t V) {
+    size_t nb = (M + ARGMAX_ROWS - 1) / ARGMAX_ROWS;
+#pragma omp parallel
+    {
+        float *S = malloc(ARGMAX_ROWS * V * sizeof(float));
+        size_t *rows = malloc(ARGMAX_ROWS * sizeof(size_t));
+        float *xs = malloc(ARGMAX_ROWS * E * sizeof(float));
+#pragma omp for schedule(dynamic)
+        for (size_t blk = 0; blk < nb; blk++) {
+            size_t m0 = blk * ARGMAX_ROWS, m1 = m0 + ARGMAX_ROWS < M ? m0 + ARGMAX_ROWS : M, k = 0;
+            for (size_t m = m0; m < m1; m++) {
+                if (active && !active[m]) continue;
+                rows[k] = m;
+                memcpy(xs + k * E, x + m * E, E * sizeof(float));
+                k++;
+            }
+            if (!k) continue;
+            SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)k, (blasint)V, (blasint)E, 1.0f,
+                  xs, (blasint)E, W, (blasint)E, 0.0f, S, (blasint)V);
+            for (size_t i = 0; i < k; i++) {
+                const float *sr = S + i * V;
+                size_t best = 0;
+                float bv = sr[0] + c[0];
+                for (size_t v = 1; v < V; v++) {
+                    float val = sr[v] + c[v];
+                    if (val > bv) {
+                        bv = val;
+                        best = v;
+                    }
+                }
+                tokens[rows[i]] = (int64_t)best;
+            }
+        }
+        free(S);
+        free(rows);
+        free(xs);
+    }
+}
+
+void posterior_step(float *x_prev, const float *x0, const float *xt, const float *noise,
+                    const float *c1, const float *c2, const float *sigma, const float *mask,
+                    const float *anchor, size_t B, size_t L, size_t E) {
+#pragma omp parallel for schedule(static)
+    for (size_t r = 0; r < B * L; r++) {
+        size_t b = r / L;
+        float *o = x_prev + r * E;
+        if (mask[r] == 0.0f) {
+            memcpy(o, anchor + r * E, E * sizeof(float));
+            continue;
+        }
+        const float *a = x0 + r * E, *x = xt + r * E;
+        float k1 = c1[b], k2 = c2[b], sg = sigma[b];
+        if (noise && sg != 0.0f) {
+            const float *z = noise + r * E;
+#pragma omp simd
+            for (size_t e = 0; e < E; e++) o[e] = k1 * a[e] + k2 * x[e] + sg * z[e];
+        } else {
+#pragma omp simd
+            for (size_t e = 0; e < E; e++) o[e] = k1 * a[e] + k2 * x[e];
+        }
+    }
+}
