@@ -47,6 +47,8 @@ class AdamW:
             raise ValueError(f"betas must be two values in [0, 1), got {betas}")
         if not eps > 0.0:
             raise ValueError(f"eps must be positive, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         for name, v in (("clip_value", clip_value), ("clip_norm", clip_norm)):
             if v is not None and not v > 0.0:
                 raise ValueError(f"{name} must be positive, got {v}")

@@ -1,0 +1,390 @@
+"""The teacher: a DiffuSeq-style diffusion LM. Training (SPEC §5), sampling, saving.
+
+``train_teacher(config, data, out_dir)`` trains with AdamW, warm-up and linear decay,
+EMA, gradient accumulation and periodic validation; it checkpoints everything needed
+for an exact resume into ``out_dir/checkpoints/step-N`` and the EMA teacher into
+``out_dir/teacher``. ``Teacher.load(out_dir/teacher).generate(sources)`` samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .data import Seq2SeqData, decode_targets, encode_pairs
+from .diffusion import Diffusion, LossTerms, decode_tokens, derive_seed, make_timestep_sampler, training_loss
+from .metrics import mbr_select
+from .model import DiffusionTransformer, ModelConfig
+from .optim import EMA, AdamW
+from .sample import batched, candidate_seeds, teacher_sample
+from .tokenizer import Tokenizer
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class TeacherConfig:
+    """Everything that defines a teacher run. ``model`` overrides fields of the preset."""
+
+    preset: str = "tiny"
+    model: Dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 32
+    vocab_size: int = 1000          # size of the WordPiece vocabulary trained on train
+    vocab_file: Optional[str] = None  # or a BERT vocab.txt (then vocab_size is its size)
+    diffusion_steps: int = 2000
+    batch_size: int = 64
+    grad_accum: int = 1
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    timestep_sampler: str = "lossaware"
+    log_every: int = 20
+    eval_every: int = 500
+    eval_size: int = 256
+    eval_samples: int = 4         # generated examples shown at every validation
+    eval_sample_steps: int = 20   # DDIM steps for those
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    train_limit: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "diffusion_steps", "batch_size", "grad_accum", "steps",
+                     "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.preset not in ModelConfig.PRESETS:
+            raise ValueError(f"preset must be one of {ModelConfig.PRESETS}, got {self.preset!r}")
+        make_timestep_sampler(self.timestep_sampler, 1)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        kw = dict(self.model)
+        kw.update(vocab_size=vocab_size, seq_len=self.seq_len, diffusion_steps=self.diffusion_steps)
+        return ModelConfig.preset(self.preset, **kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TeacherConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TeacherConfig keys: {unknown}")
+        return cls(**dict(d))
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    return base * max(0.0, (total - step) / max(1, total - warmup))
+
+
+class SequenceModel:
+    """What teachers and students share: a network, its tokenizer, its diffusion,
+    encoding of sources and decoding of outputs, saving and loading."""
+
+    kind = "model"
+
+    def __init__(self, model: DiffusionTransformer, tokenizer: Tokenizer, info: Dict[str, Any]) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.diffusion = Diffusion(model.config.diffusion_steps)
+        self.info = info
+
+    def encode_sources(self, sources: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        if isinstance(sources, str):
+            raise TypeError("sources must be a list of strings, not a single str")
+        ids, mask = encode_pairs([(s, "") for s in sources], self.tokenizer, self.config.seq_len)
+        return ids, mask
+
+    def decode(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> Tuple[List[str], np.ndarray]:
+        tok = decode_tokens(self.model, x)
+        tok = np.where(mask > 0, tok, ids)
+        return decode_targets(tok, mask, self.tokenizer), tok
+
+    def save(self, path: PathLike) -> Path:
+        """Write the model folder atomically (config.json, model.safetensors, vocab.txt)."""
+        meta = {"kind": self.kind, "model": self.config.to_dict(), **self.info}
+
+        def fill(tmp: Path) -> None:
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            weights = {k: v for k, v in self.model.state_dict().items() if k != "lm_head.weight"}
+            ckpt.save_tensors(tmp / "model.safetensors", weights)
+            self.tokenizer.save(tmp)
+
+        return ckpt.atomic_write_dir(path, fill)
+
+    @staticmethod
+    def read_folder(path: PathLike) -> Tuple[Dict[str, Any], DiffusionTransformer, Tokenizer]:
+        path = ckpt.resolve_dir(path)
+        meta = ckpt.read_json(path / "config.json")
+        if not isinstance(meta, dict) or "model" not in meta or "kind" not in meta:
+            raise ValueError(f"{path}/config.json is not a dlmone model config")
+        config = ModelConfig.from_dict(meta["model"])
+        model = DiffusionTransformer(config)
+        tensors = ckpt.load_tensors(path / "model.safetensors")
+        expected = {k: shape for k, (_, shape) in model.layout.items()}
+        ckpt.check_tensors(tensors, expected, str(path / "model.safetensors"))
+        model.load_state_dict(tensors)
+        tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(f"{path}: vocab.txt has {tokenizer.vocab_size} tokens but the model "
+                             f"expects {config.vocab_size}")
+        return meta, model, tokenizer
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"{type(self).__name__}(params={self.model.num_parameters():,}, V={c.vocab_size}, "
+                f"E={c.emb_dim}, H={c.hidden_dim}, layers={c.num_layers}, L={c.seq_len}, "
+                f"T={c.diffusion_steps})")
+
+
+class Teacher(SequenceModel):
+    """A trained diffusion LM that samples with the ancestral or DDIM reverse process."""
+
+    kind = "teacher"
+
+    def generate(self, sources: Sequence[str], steps: Optional[int] = None, method: str = "ancestral",
+                 clamp: bool = True, num_candidates: int = 1, seed: int = 0, batch_size: int = 64,
+                 return_ids: bool = False, return_candidates: bool = False,
+                 progress: Optional[Callable[[int], None]] = None) -> Any:
+        """Generate a target for every source string.
+
+        ``steps``: T for ancestral (the default), k for ``method="ddim"``. With
+        ``num_candidates`` S > 1 every source gets S samples (different seeds) and the
+        MBR choice is returned. Returns strings; with ``return_ids`` also the token ids
+        [N, L]; with ``return_candidates`` also the S candidate strings per source.
+        """
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        ids, mask = self.encode_sources(sources)
+        x_src = self.model.embed(ids)
+        cands: List[List[str]] = [[] for _ in sources]
+        cand_ids: List[np.ndarray] = []
+        for s, cseed in enumerate(candidate_seeds(seed, num_candidates)):
+            tok_all = np.zeros_like(ids, dtype=np.int64)
+            for bi, sl in enumerate(batched(len(sources), batch_size)):
+                x = teacher_sample(self.model, self.diffusion, x_src[sl], mask[sl], steps, method,
+                                   clamp, derive_seed(cseed, bi), progress)
+                texts, tok = self.decode(x, ids[sl], mask[sl])
+                tok_all[sl] = tok
+                for j, text in zip(range(sl.start, sl.stop), texts):
+                    cands[j].append(text)
+            cand_ids.append(tok_all)
+        if num_candidates == 1:
+            texts, chosen_ids = [c[0] for c in cands], cand_ids[0]
+        else:
+            texts = mbr_select(cands)
+            pick = [c.index(t) for c, t in zip(cands, texts)]
+            chosen_ids = np.stack([cand_ids[p][i] for i, p in enumerate(pick)]) if len(pick) else ids
+        out: List[Any] = [texts]
+        if return_ids:
+            out.append(chosen_ids)
+        if return_candidates:
+            out.append(cands)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "Teacher":
+        meta, model, tokenizer = cls.read_folder(path)
+        if meta["kind"] != cls.kind:
+            raise ValueError(f"{path} holds a {meta['kind']}, not a teacher")
+        info = {k: v for k, v in meta.items() if k not in ("kind", "model")}
+        return cls(model, tokenizer, info)
+
+
+# ------------------------------------------------------------------ training
+class JsonlLog:
+    """Append one JSON object per line, flushed every write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, **record: Any) -> None:
+        self._f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def build_tokenizer(config: TeacherConfig, data: Seq2SeqData) -> Tokenizer:
+    if config.vocab_file:
+        return Tokenizer.from_vocab_file(config.vocab_file)
+    texts = [s for pair in data.train for s in pair]
+    if not texts:
+        raise ValueError("the training split is empty: nothing to train a tokenizer on")
+    return Tokenizer.train(texts, config.vocab_size)
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    pointer = out_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = out_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def validation_loss(model: DiffusionTransformer, diffusion: Diffusion, ids: np.ndarray,
+                    mask: np.ndarray, batch_size: int, seed: int) -> Dict[str, float]:
+    """Mean loss terms on fixed (seeded) timesteps and noise; no gradients."""
+    rng = np.random.default_rng(seed)
+    t_all = rng.integers(0, diffusion.T, size=len(ids))
+    sums = {"loss": 0.0, "mse": 0.0, "nll": 0.0}
+    for bi, sl in enumerate(batched(len(ids), batch_size)):
+        terms = training_loss(model, diffusion, ids[sl], mask[sl], t_all[sl], None,
+                              seed=derive_seed(seed, bi), train=False, backward=False)
+        n = sl.stop - sl.start
+        for k in sums:
+            sums[k] += getattr(terms, k) * n
+    return {k: v / max(1, len(ids)) for k, v in sums.items()}
+
+
+def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out_dir: PathLike,
+                  resume: bool = True, progress: bool = True,
+                  print_fn: Callable[[str], None] = print) -> Teacher:
+    """Train a teacher; returns it (the EMA weights) and writes ``out_dir/teacher``.
+
+    With ``resume`` (default) a run folder that already has checkpoints continues from
+    the latest one and reaches the same weights as an uninterrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    if not isinstance(data, Seq2SeqData):
+        data = Seq2SeqData.from_dir(data, splits=("train", "valid"), limit=config.train_limit)
+    if config.train_limit is not None:
+        data = Seq2SeqData(train=data.train[:config.train_limit], valid=data.valid, test=data.test)
+    if not data.train:
+        raise ValueError("no training pairs")
+    start = latest_checkpoint(out_dir) if resume else None
+    if start is not None:
+        saved = TeacherConfig.from_dict(ckpt.read_json(start / "run.json")["config"])
+        if saved.to_dict() != config.to_dict():
+            raise ValueError(f"{out_dir} holds a run with a different config; use another out_dir "
+                             f"or resume=False")
+        tokenizer = Tokenizer.load(start)
+    else:
+        tokenizer = build_tokenizer(config, data)
+    mcfg = config.model_config(tokenizer.vocab_size)
+    diffusion = Diffusion(mcfg.diffusion_steps)
+    ids, mask = encode_pairs(data.train, tokenizer, mcfg.seq_len)
+    valid_pairs = data.valid[:config.eval_size] if data.valid else data.train[:config.eval_size]
+    vids, vmask = encode_pairs(valid_pairs, tokenizer, mcfg.seq_len)
+
+    model = DiffusionTransformer(mcfg, seed=config.seed)
+    opt = AdamW(model, lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(model, config.ema_decay)
+    sampler = make_timestep_sampler(config.timestep_sampler, diffusion.T)
+    rng = np.random.default_rng(config.seed)
+    step = 0
+    if start is not None:
+        state = ckpt.load_tensors(start / "state.safetensors")
+        run = ckpt.read_json(start / "run.json")
+        expected = (model.params.size,)
+        ckpt.check_tensors({k: state[k] for k in ("params", "ema", "adam_m", "adam_v")},
+                           {k: expected for k in ("params", "ema", "adam_m", "adam_v")}, str(start))
+        np.copyto(model.params, state["params"])
+        np.copyto(ema.params, state["ema"])
+        opt.load_state_dict({"m": state["adam_m"], "v": state["adam_v"], "step": run["opt_step"]})
+        sampler.load_state_dict({k[len("sampler."):]: state[k] for k in state if k.startswith("sampler.")})
+        rng.bit_generator.state = run["rng"]
+        step = int(run["step"])
+        print_fn(f"resuming from {start} at step {step}")
+    log = JsonlLog(out_dir / "log.jsonl")
+    eval_model = DiffusionTransformer(mcfg)
+    info = {"teacher_config": config.to_dict()}
+
+    def save_checkpoint() -> None:
+        name = f"step-{step:08d}"
+
+        def fill(tmp: Path) -> None:
+            tensors = {"params": model.params, "ema": ema.params, "adam_m": opt.m, "adam_v": opt.v}
+            tensors.update({f"sampler.{k}": v.astype(np.float32) if v.dtype == np.float64 else v
+                            for k, v in sampler.state_dict().items()})
+            ckpt.save_tensors(tmp / "state.safetensors", tensors)
+            (tmp / "run.json").write_text(json.dumps({
+                "config": config.to_dict(), "step": step, "opt_step": opt.step_count,
+                "rng": rng.bit_generator.state}, indent=2))
+            tokenizer.save(tmp)
+
+        ckpt.atomic_write_dir(out_dir / "checkpoints" / name, fill)
+        ckpt.atomic_write_bytes(out_dir / "checkpoints" / "latest", (name + "\n").encode())
+        olds = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if p.name != name and p.is_dir())
+        for p in olds[:max(0, len(olds) - (config.keep_checkpoints - 1))]:
+            import shutil
+            shutil.rmtree(p, ignore_errors=True)
+
+    def evaluate() -> Dict[str, Any]:
+        np.copyto(eval_model.params, ema.params)
+        vl = validation_loss(eval_model, diffusion, vids, vmask, config.batch_size, config.seed + 1)
+        teacher = Teacher(eval_model, tokenizer, info)
+        srcs = [p[0] for p in valid_pairs[:config.eval_samples]]
+        outs = teacher.generate(srcs, steps=config.eval_sample_steps, method="ddim", seed=config.seed)
+        return {"val": vl, "samples": [{"source": s, "reference": p[1], "recover": o}
+                                       for s, p, o in zip(srcs, valid_pairs, outs)]}
+
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="teacher", unit="step",
+               dynamic_ncols=True)
+    tokens_per_step = config.batch_size * config.grad_accum * mcfg.seq_len
+    t_last, last_step = time.perf_counter(), step
+    try:
+        while step < config.steps:
+            opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
+            model.zero_grad()
+            loss_sum = {"loss": 0.0, "mse": 0.0, "nll": 0.0}
+            for micro in range(config.grad_accum):
+                idx = rng.integers(0, len(ids), size=config.batch_size)
+                t, w = sampler.sample(config.batch_size, rng)
+                terms = training_loss(model, diffusion, ids[idx], mask[idx], t,
+                                      w / np.float32(config.grad_accum),
+                                      seed=derive_seed(config.seed, step, micro))
+                sampler.update(t, terms.per_example)
+                for k in loss_sum:
+                    loss_sum[k] += getattr(terms, k) / config.grad_accum
+            opt.step()
+            ema.update()
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                now = time.perf_counter()
+                tps = tokens_per_step * (step - last_step) / max(now - t_last, 1e-9)
+                t_last, last_step = now, step
+                bar.set_postfix(loss=f"{loss_sum['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                log.write(step=step, lr=opt.lr, tokens_per_s=tps, **loss_sum)
+            if step % config.eval_every == 0 or step == config.steps:
+                ev = evaluate()
+                log.write(step=step, **{f"val_{k}": v for k, v in ev["val"].items()}, samples=ev["samples"])
+                bar.write(f"step {step}: val loss {ev['val']['loss']:.4f} (mse {ev['val']['mse']:.4f}, "
+                          f"nll {ev['val']['nll']:.4f})")
+                for s in ev["samples"][:2]:
+                    bar.write(f"  {s['source']!r} -> {s['recover']!r}")
+            if step % config.save_every == 0 or step == config.steps:
+                save_checkpoint()
+    finally:
+        bar.close()
+        log.close()
+    final = DiffusionTransformer(mcfg)
+    np.copyto(final.params, ema.params)
+    teacher = Teacher(final, tokenizer, info)
+    teacher.save(out_dir / "teacher")
+    return teacher

@@ -1,0 +1,84 @@
+"""Shared fixtures.  Nothing here imports torch (torch is an optional,
+test-only reference; tests that need it call pytest.importorskip("torch")).
+dlmone is imported lazily so that collection errors point at the test that
+needs the extension."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# E != H (input_up_proj / output_down_proj present), 3 heads of 8
+TINY = dict(
+    vocab_size=50, seq_len=12, emb_dim=16, hidden_dim=24, num_layers=2, num_heads=3,
+    ffn_dim=40, time_dim=16, dropout=0.0, diffusion_steps=2000,
+)
+# E == H (no projections), odd time_dim (zero-padded sinusoid), max_positions > seq_len
+TINY_SAME = dict(
+    vocab_size=37, seq_len=10, emb_dim=20, hidden_dim=20, num_layers=2, num_heads=4,
+    ffn_dim=36, time_dim=15, dropout=0.0, diffusion_steps=1000, max_positions=16,
+)
+
+
+def make_config(**overrides):
+    import dlmone
+
+    kw = dict(TINY)
+    kw.update(overrides)
+    return dlmone.ModelConfig(**kw)
+
+
+def random_state(model, rng, scale=0.3):
+    """A random but well-conditioned state dict for ``model`` (float32 copies).
+
+    LayerNorm weights are 1 + noise and biases are non-zero so that every
+    parameter matters; ``lm_head.weight`` equals ``word_embedding.weight``.
+    """
+    out = {}
+    for k, v in model.state_dict().items():
+        shape = np.shape(v)
+        if k == "lm_head.weight":
+            continue
+        if k.endswith("LayerNorm.weight"):
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif k.endswith("LayerNorm.bias") or k.endswith(".bias"):
+            a = 0.1 * rng.standard_normal(shape)
+        elif k in ("word_embedding.weight", "position_embeddings.weight"):
+            a = 0.5 * rng.standard_normal(shape)
+        else:
+            fan_in = shape[-1]
+            a = scale * rng.standard_normal(shape) * np.sqrt(3.0 / fan_in)
+        out[k] = a.astype(np.float32)
+    if "lm_head.weight" in model.state_dict():
+        out["lm_head.weight"] = out["word_embedding.weight"].copy()
+    return out
+
+
+def make_model(cfg, rng, seed=0):
+    """A dlmone model with random (non-default) weights loaded."""
+    import dlmone
+
+    m = dlmone.DiffusionTransformer(cfg, seed=seed)
+    m.load_state_dict(random_state(m, rng), strict=True)
+    return m
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240611)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return make_config()
+
+
+@pytest.fixture
+def tiny_same_cfg():
+    return make_config(**TINY_SAME)
+
+
+@pytest.fixture(params=["proj", "same"])
+def any_cfg(request):
+    """Both layouts: E != H (with projections) and E == H (without)."""
+    return make_config() if request.param == "proj" else make_config(**TINY_SAME)
