@@ -427,7 +427,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&ModelType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
-    if (PyModule_AddFunctions(m, optim_methods) < 0 || PyModule_AddFunctions(m, diffusion_methods) < 0) {
+    if (PyModule_AddFunctions(m, optim_methods) < 0 || PyModule_AddFunctions(m, diffusion_methods) < 0 ||
+        PyModule_AddFunctions(m, distill_methods) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -20,7 +20,6 @@ import sys
 import numpy as np
 import pytest
 
-import dlmone
 from dlmone import _core
 from dlmone.diffusion import (
     Diffusion,
@@ -486,6 +485,18 @@ def test_cross_entropy_kernel(rng):
         _core.cross_entropy(logits.copy(), target, scale[:-1])
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "csrc/diffusion.c cross_entropy computes nll = logf(sum) - logf(expf(z_y - max)): when the "
+    "target logit is more than ~88 below the max, expf goes subnormal (nll off by 0.28 at a gap "
+    "of 103) and past ~104 it underflows to 0, so nll = inf (want the gap itself); "
+    "nll = logf(sum) - (z_y - max) is exact"))
+def test_cross_entropy_kernel_large_logit_gap():
+    gaps = np.array([50.0, 95.0, 100.0, 103.0, 104.0, 110.0, 200.0], np.float32)
+    logits = np.stack([np.zeros_like(gaps), gaps], axis=1)
+    nll = _core.cross_entropy(logits.copy(), np.zeros(len(gaps), np.int64), np.ones(len(gaps), np.float32))
+    np.testing.assert_allclose(nll, np.logaddexp(0.0, gaps.astype(np.float64)), rtol=1e-6)
+
+
 def test_mse_loss_kernel(rng):
     torch = _torch()
     B, L, E = 4, 6, 5
@@ -553,8 +564,8 @@ def test_clamp_to_embeddings(rng, tiny_cfg):
     x0 = rng.standard_normal((B, L, E)).astype(np.float32)
     x0[0, :4] = W[[3, 7, 7, 11]] + 0.01 * rng.standard_normal((4, E)).astype(np.float32)
     mask = _mask(B, L, rng)
-    out = clamp_to_embeddings(model, x0, mask)
     x0_before = x0.copy()
+    out = clamp_to_embeddings(model, x0, mask)
     assert out.shape == x0.shape and out.dtype == np.float32
     active = mask > 0
     assert np.array_equal(out[~active], x0[~active])

@@ -1,0 +1,130 @@
+/* DLM-One distillation kernels. */
+#include "distill.h"
+
+void sid_loss(float *loss, float *omega, float *g_yr, float *g_yf, float *g_eg, const float *y_r,
+              const float *y_f, const float *e_g, const float *mask, float alpha, size_t B,
+              size_t L, size_t E) {
+    size_t n = L * E;
+#pragma omp parallel for schedule(static)
+    for (size_t b = 0; b < B; b++) {
+        const float *yr = y_r + b * n, *yf = y_f + b * n, *eg = e_g + b * n, *mk = mask + b * L;
+        double abs_sum = 0.0;
+        size_t count = 0;
+        for (size_t l = 0; l < L; l++) {
+            if (mk[l] == 0.0f) continue;
+            for (size_t e = 0; e < E; e++) abs_sum += fabs((double)eg[l * E + e] - yr[l * E + e]);
+            count += E;
+        }
+        double w = count ? abs_sum / (double)count : 0.0;
+        if (w < 1e-5) w = 1e-5;
+        omega[b] = (float)w;
+        float scale = (float)(1.0 / (w * (double)B));
+        double s = 0.0;
+        float *gr = g_yr + b * n, *gf = g_yf + b * n, *ge = g_eg + b * n;
+        for (size_t l = 0; l < L; l++) {
+            size_t o = l * E;
+            if (mk[l] == 0.0f) {
+                memset(gr + o, 0, E * sizeof(float));
+                memset(gf + o, 0, E * sizeof(float));
+                memset(ge + o, 0, E * sizeof(float));
+                continue;
+            }
+            for (size_t e = 0; e < E; e++) {
+                float d = yr[o + e] - yf[o + e], u = yr[o + e] - eg[o + e];
+                s += (double)d * (u - alpha * d);
+                gr[o + e] = scale * (u + d - 2.0f * alpha * d);
+                gf[o + e] = scale * (2.0f * alpha * d - u);
+                ge[o + e] = -scale * d;
+            }
+        }
+        loss[b] = (float)(s / w);
+    }
+}
+
+double denoise_loss(float *grad, const float *pred, const float *target, const float *mask,
+                    size_t B, size_t L, size_t E) {
+    size_t positions = 0;
+    for (size_t r = 0; r < B * L; r++) positions += mask[r] != 0.0f;
+    float k = positions ? 2.0f / (float)positions : 0.0f;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+    for (size_t r = 0; r < B * L; r++) {
+        const float *p = pred + r * E, *t = target + r * E;
+        float *g = grad + r * E;
+        if (mask[r] == 0.0f) {
+            memset(g, 0, E * sizeof(float));
+            continue;
+        }
+        double s = 0.0;
+        for (size_t e = 0; e < E; e++) {
+            float d = p[e] - t[e];
+            s += (double)d * d;
+            g[e] = k * d;
+        }
+        total += s;
+    }
+    return positions ? total / (double)positions : 0.0;
+}
+
+void disc_logits(float *logit, const float *hidden, const float *mask, const float *w, float bias,
+                 size_t B, size_t L, size_t H) {
+#pragma omp parallel for schedule(static)
+    for (size_t b = 0; b < B; b++) {
+        double s = 0.0;
+        size_t count = 0;
+        for (size_t l = 0; l < L; l++) {
+            if (mask[b * L + l] == 0.0f) continue;
+            const float *h = hidden + (b * L + l) * H;
+            double v = 0.0;
+            if (w) {
+                for (size_t c = 0; c < H; c++) v += (double)w[c] * h[c];
+                v += bias;
+            } else {
+                for (size_t c = 0; c < H; c++) v += h[c];
+                v /= (double)H;
+            }
+            s += v;
+            count++;
+        }
+        logit[b] = count ? (float)(s / (double)count) : 0.0f;
+    }
+}
+
+void disc_backward(float *grad_hidden, float *grad_w, float *grad_bias, const float *grad_logit,
+                   const float *hidden, const float *mask, const float *w, size_t B, size_t L,
+                   size_t H) {
+    for (size_t b = 0; b < B; b++) {
+        size_t count = 0;
+        for (size_t l = 0; l < L; l++) count += mask[b * L + l] != 0.0f;
+        float g = count ? grad_logit[b] / (float)count : 0.0f;
+        for (size_t l = 0; l < L; l++) {
+            float *gh = grad_hidden + (b * L + l) * H;
+            if (mask[b * L + l] == 0.0f || count == 0) {
+                memset(gh, 0, H * sizeof(float));
+                continue;
+            }
+            if (w) {
+                const float *h = hidden + (b * L + l) * H;
+                for (size_t c = 0; c < H; c++) {
+                    gh[c] = g * w[c];
+                    grad_w[c] += g * h[c];
+                }
+                *grad_bias += g;
+            } else {
+                float gv = g / (float)H;
+                for (size_t c = 0; c < H; c++) gh[c] = gv;
+            }
+        }
+    }
+}
+
+void bce_with_logits(float *loss, float *grad, const float *logit, const float *target, float c,
+                     size_t B) {
+    for (size_t b = 0; b < B; b++) {
+        float z = logit[b], y = target[b];
+        int clamped = z > c || z < -c;
+        z = z > c ? c : (z < -c ? -c : z);
+        loss[b] = fmaxf(z, 0.0f) - z * y + log1pf(expf(-fabsf(z)));
+        grad[b] = clamped ? 0.0f : 1.0f / (1.0f + expf(-z)) - y;
+    }
+}

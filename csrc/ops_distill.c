@@ -1,0 +1,149 @@
+/* Glue for the distillation kernels. */
+#include "distill.h"
+#include "glue.h"
+
+static PyArrayObject *ble(PyObject *o, const char *name, npy_intp *s) {
+    PyArrayObject *a = check_array(o, name, NPY_FLOAT32, 3, s[0] >= 0 ? s : NULL, 0);
+    if (a && s[0] < 0)
+        for (int i = 0; i < 3; i++) s[i] = PyArray_DIM(a, i);
+    return a;
+}
+
+static PyObject *py_sid_loss(PyObject *mod, PyObject *args) {
+    PyObject *ro, *fo, *eo, *mo;
+    float alpha;
+    if (!PyArg_ParseTuple(args, "OOOOf", &ro, &fo, &eo, &mo, &alpha)) return NULL;
+    npy_intp s[3] = {-1, -1, -1};
+    PyArrayObject *yr = ble(ro, "y_real", s), *yf = yr ? ble(fo, "y_fake", s) : NULL;
+    PyArrayObject *eg = yf ? ble(eo, "e_g", s) : NULL;
+    PyArrayObject *m = eg ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
+    if (!m) return NULL;
+    PyObject *loss = new_float_array(1, s), *om = new_float_array(1, s), *gr = new_float_array(3, s),
+             *gf = new_float_array(3, s), *ge = new_float_array(3, s);
+    if (!loss || !om || !gr || !gf || !ge) {
+        Py_XDECREF(loss); Py_XDECREF(om); Py_XDECREF(gr); Py_XDECREF(gf); Py_XDECREF(ge);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    sid_loss(fdata((PyArrayObject *)loss), fdata((PyArrayObject *)om), fdata((PyArrayObject *)gr),
+             fdata((PyArrayObject *)gf), fdata((PyArrayObject *)ge), fdata(yr), fdata(yf), fdata(eg),
+             fdata(m), alpha, (size_t)s[0], (size_t)s[1], (size_t)s[2]);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(NNNNN)", loss, om, gr, gf, ge);
+}
+
+static PyObject *py_denoise_loss(PyObject *mod, PyObject *args) {
+    PyObject *po, *to, *mo;
+    if (!PyArg_ParseTuple(args, "OOO", &po, &to, &mo)) return NULL;
+    npy_intp s[3] = {-1, -1, -1};
+    PyArrayObject *p = ble(po, "pred", s), *t = p ? ble(to, "target", s) : NULL;
+    PyArrayObject *m = t ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
+    if (!m) return NULL;
+    PyObject *g = new_float_array(3, s);
+    if (!g) return NULL;
+    double loss;
+    Py_BEGIN_ALLOW_THREADS
+    loss = denoise_loss(fdata((PyArrayObject *)g), fdata(p), fdata(t), fdata(m), (size_t)s[0],
+                        (size_t)s[1], (size_t)s[2]);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(dN)", loss, g);
+}
+
+/* head: None (mean over hidden) or (w[H] float32, bias float) */
+static int parse_head(PyObject *ho, npy_intp H, PyArrayObject **w, float *bias) {
+    *w = NULL;
+    *bias = 0.0f;
+    if (ho == Py_None) return 0;
+    PyObject *wo;
+    if (!PyArg_ParseTuple(ho, "Of", &wo, bias)) {
+        PyErr_SetString(PyExc_TypeError, "head must be None or a (weight[H], bias) tuple");
+        return -1;
+    }
+    npy_intp hs[1] = {H};
+    *w = check_array(wo, "head weight", NPY_FLOAT32, 1, hs, 0);
+    return *w ? 0 : -1;
+}
+
+static PyObject *py_disc_logits(PyObject *mod, PyObject *args) {
+    PyObject *ho, *mo, *heado = Py_None;
+    if (!PyArg_ParseTuple(args, "OO|O", &ho, &mo, &heado)) return NULL;
+    npy_intp s[3] = {-1, -1, -1};
+    PyArrayObject *h = ble(ho, "hidden", s);
+    PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
+    if (!m) return NULL;
+    PyArrayObject *w;
+    float bias;
+    if (parse_head(heado, s[2], &w, &bias)) return NULL;
+    PyObject *out = new_float_array(1, s);
+    if (!out) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    disc_logits(fdata((PyArrayObject *)out), fdata(h), fdata(m), w ? fdata(w) : NULL, bias,
+                (size_t)s[0], (size_t)s[1], (size_t)s[2]);
+    Py_END_ALLOW_THREADS
+    return out;
+}
+
+static PyObject *py_disc_backward(PyObject *mod, PyObject *args) {
+    PyObject *go, *ho, *mo, *heado = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|O", &go, &ho, &mo, &heado)) return NULL;
+    npy_intp s[3] = {-1, -1, -1};
+    PyArrayObject *h = ble(ho, "hidden", s);
+    PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
+    PyArrayObject *g = m ? check_array(go, "grad_logit", NPY_FLOAT32, 1, s, 0) : NULL;
+    if (!g) return NULL;
+    PyArrayObject *w;
+    float bias;
+    if (parse_head(heado, s[2], &w, &bias)) return NULL;
+    npy_intp hs[1] = {s[2]};
+    PyObject *gh = new_float_array(3, s), *gw = PyArray_ZEROS(1, hs, NPY_FLOAT32, 0);
+    if (!gh || !gw) {
+        Py_XDECREF(gh);
+        Py_XDECREF(gw);
+        return NULL;
+    }
+    float gb = 0.0f;
+    Py_BEGIN_ALLOW_THREADS
+    disc_backward(fdata((PyArrayObject *)gh), fdata((PyArrayObject *)gw), &gb, fdata(g), fdata(h),
+                  fdata(m), w ? fdata(w) : NULL, (size_t)s[0], (size_t)s[1], (size_t)s[2]);
+    Py_END_ALLOW_THREADS
+    if (!w) {
+        Py_DECREF(gw);
+        return Py_BuildValue("(NOO)", gh, Py_None, Py_None);
+    }
+    return Py_BuildValue("(NNf)", gh, gw, gb);
+}
+
+static PyObject *py_bce_with_logits(PyObject *mod, PyObject *args) {
+    PyObject *lo, *to;
+    float c = 10.0f;
+    if (!PyArg_ParseTuple(args, "OO|f", &lo, &to, &c)) return NULL;
+    PyArrayObject *l = check_array(lo, "logit", NPY_FLOAT32, 1, NULL, 0);
+    if (!l) return NULL;
+    npy_intp s[1] = {PyArray_DIM(l, 0)};
+    PyArrayObject *t = check_array(to, "target", NPY_FLOAT32, 1, s, 0);
+    if (!t) return NULL;
+    if (!(c > 0.0f)) return PyErr_Format(PyExc_ValueError, "clamp must be positive, got %g", c);
+    PyObject *loss = new_float_array(1, s), *g = new_float_array(1, s);
+    if (!loss || !g) {
+        Py_XDECREF(loss);
+        Py_XDECREF(g);
+        return NULL;
+    }
+    bce_with_logits(fdata((PyArrayObject *)loss), fdata((PyArrayObject *)g), fdata(l), fdata(t), c,
+                    (size_t)s[0]);
+    return Py_BuildValue("(NN)", loss, g);
+}
+
+PyMethodDef distill_methods[] = {
+    {"sid_loss", py_sid_loss, METH_VARARGS,
+     "sid_loss(y_real, y_fake, e_g, mask, alpha) -> (loss[B], omega[B], g_y_real, g_y_fake, g_e_g); "
+     "gradients of mean_b loss_b"},
+    {"denoise_loss", py_denoise_loss, METH_VARARGS,
+     "denoise_loss(pred, target, mask) -> (mean over mask-1 positions of ||pred-target||^2, grad)"},
+    {"disc_logits", py_disc_logits, METH_VARARGS,
+     "disc_logits(hidden[B,L,H], mask, head=None|(w, b)) -> logit[B]"},
+    {"disc_backward", py_disc_backward, METH_VARARGS,
+     "disc_backward(grad_logit, hidden, mask, head=None) -> (grad_hidden, grad_w|None, grad_b|None)"},
+    {"bce_with_logits", py_bce_with_logits, METH_VARARGS,
+     "bce_with_logits(logit[B], target[B], clamp=10) -> (loss[B], grad_logit[B])"},
+    {NULL}};

@@ -1,0 +1,20 @@
+"""``dlmone.load``: open a teacher or student folder by what it holds."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+from .checkpoint import read_json, resolve_dir
+
+
+def load(path: Union[str, Path]):
+    """Return a :class:`Teacher` or :class:`Student` from a folder written by ``save``."""
+    folder = resolve_dir(path)
+    kind = read_json(folder / "config.json").get("kind")
+    if kind == "teacher":
+        from .teacher import Teacher
+        return Teacher.load(folder)
+    if kind == "student":
+        from .distill import Student
+        return Student.load(folder)
+    raise ValueError(f"{folder} holds neither a teacher nor a student (kind={kind!r})")

@@ -1,0 +1,464 @@
+"""DLM-One (SPEC §6): distil a teacher into a one-step generator by score identity
+distillation with adversarial regularisation, in two stages.
+
+Three networks of the teacher's architecture: φ (the frozen teacher), G_θ (the
+generator, initialised from φ) and ψ (the fake-score estimator, initialised from φ,
+which is also the discriminator). Word embeddings stay φ's. One ψ step and one G
+step alternate; Adam with β1 = 0 and clipping by value for both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from . import checkpoint as ckpt
+from .data import Seq2SeqData, decode_targets, encode_pairs
+from .diffusion import Diffusion, derive_seed, gaussian
+from .metrics import bleu, empty_rate, mbr_select, mean_length, repeated_token_rate, self_bleu
+from .model import DiffusionTransformer
+from .optim import AdamW
+from .sample import batched, candidate_seeds, student_sample
+from .teacher import JsonlLog, SequenceModel, Teacher
+
+PathLike = Union[str, Path]
+FROZEN = ("word_embedding.weight", "lm_head.bias")
+
+
+@dataclass
+class StageConfig:
+    """The loss weights of one stage (SPEC §6.5)."""
+    alpha: float = 1.2
+    b_psi: float = 0.5
+    b_g: float = 0.5
+
+
+@dataclass
+class DistillConfig:
+    """Every hyper-parameter of SPEC §6; defaults are §6.5a's small-scale settings."""
+
+    t_init: int = 1490
+    t_min: int = 0
+    t_max: int = 1976
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(alpha=0.5, b_psi=0.9, b_g=0.1))
+    adversarial: bool = True
+    disc_head: str = "mean"         # "mean": mean over the hidden dim; "linear": Linear(H -> 1)
+    lr_g: float = 5e-5
+    lr_psi: float = 2e-4
+    clip_value: float = 1.0
+    batch_size: int = 64
+    steps: int = 600                # per stage
+    eval_every: int = 100
+    eval_size: int = 200
+    eval_steps: int = 1             # student inference steps at validation
+    log_every: int = 10
+    save_every: int = 200
+    seed: int = 0
+    # degeneration thresholds (warn when crossed at a validation)
+    warn_empty: float = 0.2
+    warn_repeat: float = 0.3
+    warn_self_bleu: float = 0.95
+
+    def __post_init__(self) -> None:
+        for name in ("stage1", "stage2"):
+            v = getattr(self, name)
+            if isinstance(v, Mapping):
+                setattr(self, name, StageConfig(**v))
+        for name in ("batch_size", "steps", "eval_every", "eval_size", "log_every", "save_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0 <= self.t_min <= self.t_max:
+            raise ValueError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if self.disc_head not in ("mean", "linear"):
+            raise ValueError(f"disc_head must be 'mean' or 'linear', got {self.disc_head!r}")
+        if not 1 <= self.eval_steps <= 8:
+            raise ValueError(f"eval_steps must be in [1, 8], got {self.eval_steps}")
+        for name in ("lr_g", "lr_psi", "clip_value"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def check_against(self, T: int) -> None:
+        for name in ("t_init", "t_max"):
+            if not 0 <= getattr(self, name) < T:
+                raise ValueError(f"{name}={getattr(self, name)} outside the teacher's [0, {T})")
+
+    def stage(self, n: int) -> StageConfig:
+        return self.stage1 if n == 1 else self.stage2
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DistillConfig keys: {unknown}")
+        return cls(**dict(d))
+
+
+class Student(SequenceModel):
+    """A one-step generator: ``generate(sources, steps=1..8)`` (SPEC §6.6)."""
+
+    kind = "student"
+
+    @property
+    def t_init(self) -> int:
+        return int(self.info["t_init"])
+
+    def generate(self, sources: Sequence[str], steps: int = 1, seed: int = 0, batch_size: int = 256,
+                 num_candidates: int = 1, return_ids: bool = False, return_candidates: bool = False,
+                 **unused: Any) -> Any:
+        """One forward pass per batch (or ``steps`` ≤ 8 passes). Same outputs as
+        :meth:`Teacher.generate`: strings, optionally ids and the S candidates."""
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        ids, mask = self.encode_sources(sources)
+        x_src = self.model.embed(ids)
+        cands: List[List[str]] = [[] for _ in sources]
+        cand_ids = []
+        for cseed in candidate_seeds(seed, num_candidates):
+            tok_all = np.zeros_like(ids, dtype=np.int64)
+            for bi, sl in enumerate(batched(len(sources), batch_size)):
+                x = student_sample(self.model, self.diffusion, x_src[sl], mask[sl], self.t_init, steps,
+                                   derive_seed(cseed, bi))
+                texts, tok = self.decode(x, ids[sl], mask[sl])
+                tok_all[sl] = tok
+                for j, text in zip(range(sl.start, sl.stop), texts):
+                    cands[j].append(text)
+            cand_ids.append(tok_all)
+        if num_candidates == 1:
+            texts, chosen = [c[0] for c in cands], cand_ids[0]
+        else:
+            texts = mbr_select(cands)
+            pick = [c.index(t) for c, t in zip(cands, texts)]
+            chosen = np.stack([cand_ids[p][i] for i, p in enumerate(pick)]) if pick else ids
+        out: List[Any] = [texts]
+        if return_ids:
+            out.append(chosen)
+        if return_candidates:
+            out.append(cands)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "Student":
+        meta, model, tokenizer = cls.read_folder(path)
+        if meta["kind"] != cls.kind:
+            raise ValueError(f"{path} holds a {meta['kind']}, not a student")
+        if "t_init" not in meta:
+            raise ValueError(f"{path}/config.json lacks t_init")
+        return cls(model, tokenizer, {k: v for k, v in meta.items() if k not in ("kind", "model")})
+
+
+# --------------------------------------------------------------------- steps
+class Distiller:
+    """The networks, optimisers and one ψ step / one G step of SPEC §6.3-§6.4."""
+
+    def __init__(self, teacher: Teacher, config: DistillConfig, stage: int,
+                 generator_params: Optional[np.ndarray] = None) -> None:
+        self.config, self.stage = config, stage
+        self.weights = config.stage(stage)
+        self.phi = teacher.model
+        self.diffusion = teacher.diffusion
+        mcfg = self.phi.config
+        config.check_against(self.diffusion.T)
+        self.G = DiffusionTransformer(mcfg)
+        self.psi = DiffusionTransformer(mcfg)
+        self.G.copy_from(self.phi)
+        if generator_params is not None:
+            np.copyto(self.G.params, generator_params)
+        self.psi.copy_from(self.phi)
+        betas = (0.0, 0.999)
+        self.opt_g = AdamW(self.G, lr=config.lr_g, betas=betas, clip_value=config.clip_value, frozen=FROZEN)
+        self.opt_psi = AdamW(self.psi, lr=config.lr_psi, betas=betas, clip_value=config.clip_value,
+                             frozen=FROZEN)
+        H = mcfg.hidden_dim
+        # the optional Linear(H -> 1) discriminator head, zero-initialised, trained with ψ
+        self.head_w = np.zeros(H, np.float32)
+        self.head_b = np.zeros(1, np.float32)
+        self.head_m = np.zeros(H + 1, np.float32)
+        self.head_v = np.zeros(H + 1, np.float32)
+
+    def head(self):
+        return (self.head_w, float(self.head_b[0])) if self.config.disc_head == "linear" else None
+
+    def _batch(self, ids: np.ndarray, mask: np.ndarray, seed: int):
+        c = self.config
+        B = len(ids)
+        x_real = self.phi.embed(ids)          # Emb of the real pair: source + real target
+        z = gaussian(x_real.shape, derive_seed(seed, 0))
+        s_init = np.float32(self.diffusion.sqrt_one_minus_alphas_cumprod[c.t_init])
+        m3 = mask[:, :, None] > 0
+        x_init = np.where(m3, s_init * z, x_real).astype(np.float32)
+        rng = np.random.default_rng(derive_seed(seed, 1))
+        t = rng.integers(c.t_min, c.t_max + 1, size=B).astype(np.int64)
+        eps = gaussian(x_real.shape, derive_seed(seed, 2))
+        return x_real, x_init, t, eps, m3
+
+    def psi_step(self, ids: np.ndarray, mask: np.ndarray, seed: int) -> Dict[str, float]:
+        """L_ψ = mean_target ||f_ψ(x_t) - e_g||² + b_ψ ½[BCE(D(x_t^real), 1) + BCE(D(x_t^fake), 0)]."""
+        c, B = self.config, len(ids)
+        x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
+        e_g = np.where(m3, self.G.forward(x_init, np.full(B, c.t_init)), x_real).astype(np.float32)
+        xt_fake = self.diffusion.q_sample(e_g, t, eps, mask)
+        adv = c.adversarial and self.weights.b_psi > 0
+        if adv:
+            xt_real = self.diffusion.q_sample(x_real, t, eps, mask)
+            pred = self.psi.forward(np.concatenate([xt_fake, xt_real]), np.concatenate([t, t]))
+        else:
+            pred = self.psi.forward(xt_fake, t)
+        loss_dsm, g_pred = _core.denoise_loss(np.ascontiguousarray(pred[:B]), e_g, mask)
+        out = {"psi_dsm": loss_dsm}
+        grad_out = np.zeros_like(pred)
+        grad_out[:B] = g_pred
+        grad_hidden = None
+        if adv:
+            mask2 = np.concatenate([mask, mask])
+            hidden = self.psi.hidden
+            logit = _core.disc_logits(hidden, mask2, self.head())
+            target = np.concatenate([np.zeros(B, np.float32), np.ones(B, np.float32)])
+            bce, g_logit = _core.bce_with_logits(logit, target, 10.0)
+            k = np.float32(self.weights.b_psi * 0.5 / B)
+            grad_hidden, g_w, g_b = _core.disc_backward(g_logit * k, hidden, mask2, self.head())
+            if g_w is not None:
+                self._head_step(g_w, g_b)
+            out.update(psi_bce=float(bce.mean()), disc_acc_fake=float((logit[:B] < 0).mean()),
+                       disc_acc_real=float((logit[B:] > 0).mean()))
+        self.psi.zero_grad()
+        self.psi.backward(grad_out, grad_hidden)
+        self.opt_psi.step()
+        return out
+
+    def _head_step(self, g_w: np.ndarray, g_b: float) -> None:
+        params = np.concatenate([self.head_w, self.head_b])
+        grads = np.clip(np.append(g_w, np.float32(g_b)).astype(np.float32), -self.config.clip_value,
+                        self.config.clip_value)
+        _core.adamw_step(params, grads, self.head_m, self.head_v, self.config.lr_psi, 0.0, 0.999,
+                         1e-8, 0.0, self.opt_psi.step_count + 1)
+        self.head_w[:] = params[:-1]
+        self.head_b[:] = params[-1:]
+
+    def g_step(self, ids: np.ndarray, mask: np.ndarray, seed: int) -> Dict[str, float]:
+        """L_G = L_SiD + b_G N_b BCE(D_ψ(x_t), 1), gradients through G, q_sample, φ and ψ."""
+        c, B = self.config, len(ids)
+        x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
+        e_g = np.where(m3, self.G.forward(x_init, np.full(B, c.t_init)), x_real).astype(np.float32)
+        x_t = self.diffusion.q_sample(e_g, t, eps, mask)
+        y_r = self.phi.forward(x_t, t)
+        y_f = self.psi.forward(x_t, t)
+        loss, omega, g_yr, g_yf, g_eg = _core.sid_loss(y_r, y_f, e_g, mask, np.float32(self.weights.alpha))
+        out = {"sid": float(loss.mean()), "omega": float(omega.mean())}
+        grad_hidden = None
+        if c.adversarial and self.weights.b_g > 0:
+            hidden = self.psi.hidden
+            logit = _core.disc_logits(hidden, mask, self.head())
+            bce, g_logit = _core.bce_with_logits(logit, np.ones(B, np.float32), 10.0)
+            # SiDA scales the GAN term by the number of entries it competes with
+            n_entries = (mask.sum(axis=1) * self.phi.config.emb_dim).astype(np.float32)
+            k = np.float32(self.weights.b_g) * n_entries / np.float32(B)
+            grad_hidden, _, _ = _core.disc_backward(g_logit * k, hidden, mask, self.head())
+            out["g_bce"] = float(bce.mean())
+        gx = self.phi.backward(g_yr, param_grads=False)
+        gx += self.psi.backward(g_yf, grad_hidden, param_grads=False)
+        g_eg += self.diffusion.q_sample_backward(gx, t, mask)
+        g_eg *= m3
+        self.G.zero_grad()
+        self.G.backward(g_eg)
+        self.opt_g.step()
+        return out
+
+
+# ------------------------------------------------------------------- the loop
+def _warn_monitors(m: Dict[str, float], c: DistillConfig, say: Callable[[str], None]) -> List[str]:
+    notes = []
+    if m["empty"] > c.warn_empty:
+        notes.append(f"collapse: {m['empty']:.0%} of outputs are empty (all [PAD])")
+    if m["repeat"] > c.warn_repeat:
+        notes.append(f"loops: {m['repeat']:.0%} of adjacent tokens repeat (adversarial term too weak?)")
+    if m.get("self_bleu", 0.0) > c.warn_self_bleu:
+        notes.append(f"diversity collapse: self-BLEU across seeds {m['self_bleu']:.3f}")
+    for n in notes:
+        say(f"WARNING: {n}")
+        warnings.warn(n, RuntimeWarning, stacklevel=3)
+    return notes
+
+
+def validate(student: Student, sources: Sequence[str], references: Sequence[str], steps: int,
+             seed: int) -> Dict[str, float]:
+    """BLEU and the degeneration monitors of one validation."""
+    texts, tok = student.generate(sources, steps=steps, seed=seed, return_ids=True)
+    _, mask = student.encode_sources(sources)
+    other = student.generate(sources, steps=steps, seed=seed + 1)
+    targets = [row[m > 0] for row, m in zip(tok, mask)]
+    pad = student.tokenizer.pad_id
+    targets = [r[r != pad] for r in targets]
+    return {"bleu": bleu(texts, references), "empty": empty_rate(texts),
+            "repeat": repeated_token_rate(targets), "len": mean_length(texts),
+            "self_bleu": self_bleu([[a, b] for a, b in zip(texts, other)])}
+
+
+def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage: int, out: Path,
+               generator_params: Optional[np.ndarray], progress: bool,
+               say: Callable[[str], None]) -> Tuple[Student, Dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    tok = teacher.tokenizer
+    L = teacher.config.seq_len
+    ids, mask = encode_pairs(data.train, tok, L)
+    valid_pairs = (data.valid or data.train)[:config.eval_size]
+    vids, vmask = encode_pairs(valid_pairs, tok, L)
+    sources = [p[0] for p in valid_pairs]
+    references = decode_targets(vids, vmask, tok)
+    dist = Distiller(teacher, config, stage, generator_params)
+    rng = np.random.default_rng(derive_seed(config.seed, stage))
+    info = {"t_init": config.t_init, "stage": stage, "distill_config": config.to_dict()}
+    step, best = 0, {"bleu": -1.0, "step": 0}
+    start = _latest(out)
+    if start is not None:
+        step, best = _restore(dist, rng, start, config)
+        say(f"stage {stage}: resuming from {start} at step {step}")
+    log = JsonlLog(out / "log.jsonl")
+
+    def student_now() -> Student:
+        return Student(dist.G, tok, info)
+
+    def save_state() -> None:
+        name = f"step-{step:08d}"
+
+        def fill(tmp: Path) -> None:
+            ckpt.save_tensors(tmp / "state.safetensors", {
+                "G": dist.G.params, "psi": dist.psi.params, "g_m": dist.opt_g.m, "g_v": dist.opt_g.v,
+                "psi_m": dist.opt_psi.m, "psi_v": dist.opt_psi.v, "head_w": dist.head_w,
+                "head_b": dist.head_b, "head_m": dist.head_m, "head_v": dist.head_v})
+            (tmp / "run.json").write_text(json.dumps({
+                "config": config.to_dict(), "step": step, "stage": stage, "best": best,
+                "g_step": dist.opt_g.step_count, "psi_step": dist.opt_psi.step_count,
+                "rng": rng.bit_generator.state}, indent=2))
+
+        ckpt.atomic_write_dir(out / "checkpoints" / name, fill)
+        ckpt.atomic_write_bytes(out / "checkpoints" / "latest", (name + "\n").encode())
+        for p in sorted((out / "checkpoints").glob("step-*")):
+            if p.name != name and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"stage {stage}",
+               unit="step", dynamic_ncols=True)
+    acc: Dict[str, List[float]] = {}
+    try:
+        if step == 0:  # the generator as initialised (the teacher in one step)
+            m = validate(student_now(), sources, references, config.eval_steps, config.seed)
+            log.write(step=0, stage=stage, **{f"val_{k}": v for k, v in m.items()})
+            bar.write(f"stage {stage} step 0: BLEU {m['bleu']:.4f} (generator as initialised, {config.eval_steps} step)")
+        t0 = time.perf_counter()
+        while step < config.steps:
+            idx = rng.integers(0, len(ids), size=config.batch_size)
+            s_psi = dist.psi_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 0))
+            idx = rng.integers(0, len(ids), size=config.batch_size)
+            s_g = dist.g_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 1))
+            for k, v in {**s_psi, **s_g}.items():
+                acc.setdefault(k, []).append(v)
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0:
+                means = {k: float(np.mean(v)) for k, v in acc.items()}
+                acc = {}
+                dt = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                bar.set_postfix(sid=f"{means.get('sid', 0):.3g}", dsm=f"{means.get('psi_dsm', 0):.3g}")
+                log.write(step=step, stage=stage, steps_per_s=config.log_every / dt, **means)
+            if step % config.eval_every == 0 or step == config.steps:
+                m = validate(student_now(), sources, references, config.eval_steps, config.seed)
+                notes = _warn_monitors(m, config, bar.write)
+                log.write(step=step, stage=stage, warnings=notes, **{f"val_{k}": v for k, v in m.items()})
+                improved = m["bleu"] > best["bleu"]
+                bar.write(f"stage {stage} step {step}: BLEU {m['bleu']:.4f} empty {m['empty']:.3f} "
+                          f"repeat {m['repeat']:.3f} len {m['len']:.1f} self-BLEU {m['self_bleu']:.3f}"
+                          + (" (best)" if improved else ""))
+                if improved:
+                    best = {"bleu": m["bleu"], "step": step}
+                    student_now().save(out / "best")
+            if step % config.save_every == 0 or step == config.steps:
+                save_state()
+    finally:
+        bar.close()
+        log.close()
+    if not (out / "best").exists():
+        student_now().save(out / "best")
+    return Student.load(out / "best"), best
+
+
+def _latest(out: Path) -> Optional[Path]:
+    pointer = out / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    p = out / "checkpoints" / pointer.read_text().strip()
+    return p if p.is_dir() else None
+
+
+def _restore(dist: Distiller, rng: np.random.Generator, path: Path, config: DistillConfig):
+    run = ckpt.read_json(path / "run.json")
+    if DistillConfig.from_dict(run["config"]).to_dict() != config.to_dict():
+        raise ValueError(f"{path} belongs to a run with a different config")
+    st = ckpt.load_tensors(path / "state.safetensors")
+    n = (dist.G.params.size,)
+    H = dist.head_w.size
+    ckpt.check_tensors(st, {"G": n, "psi": n, "g_m": n, "g_v": n, "psi_m": n, "psi_v": n,
+                            "head_w": (H,), "head_b": (1,), "head_m": (H + 1,), "head_v": (H + 1,)}, str(path))
+    for name, dst in (("G", dist.G.params), ("psi", dist.psi.params), ("g_m", dist.opt_g.m),
+                      ("g_v", dist.opt_g.v), ("psi_m", dist.opt_psi.m), ("psi_v", dist.opt_psi.v),
+                      ("head_w", dist.head_w), ("head_b", dist.head_b), ("head_m", dist.head_m),
+                      ("head_v", dist.head_v)):
+        np.copyto(dst, st[name])
+    dist.opt_g.step_count, dist.opt_psi.step_count = run["g_step"], run["psi_step"]
+    rng.bit_generator.state = run["rng"]
+    return int(run["step"]), run["best"]
+
+
+def distill(teacher_dir: PathLike, data: Union[Seq2SeqData, PathLike], config: DistillConfig,
+            out_dir: PathLike, stage: Union[int, str] = "both", from_dir: Optional[PathLike] = None,
+            progress: bool = True, print_fn: Callable[[str], None] = print) -> Student:
+    """Distil the teacher in ``teacher_dir`` into a one-step student.
+
+    ``stage="both"`` runs stage 1 then stage 2 (ψ re-initialised from φ, G continued
+    from stage 1's best checkpoint); ``stage=1`` or ``stage=2`` runs one (stage 2 takes
+    G from ``from_dir``: a stage-1 run folder or a student folder). Each stage writes
+    ``out_dir/stageN/{log.jsonl,best,checkpoints}``; the final student is ``out_dir/student``.
+    """
+    out_dir = Path(out_dir)
+    teacher = Teacher.load(teacher_dir)
+    if not isinstance(data, Seq2SeqData):
+        data = Seq2SeqData.from_dir(data, splits=("train", "valid"))
+    if not data.train:
+        raise ValueError("no training pairs")
+    stages = {"both": (1, 2), "1": (1,), "2": (2,), 1: (1,), 2: (2,)}.get(stage)
+    if stages is None:
+        raise ValueError(f"stage must be 1, 2 or 'both', got {stage!r}")
+    generator: Optional[np.ndarray] = None
+    if stages == (2,):
+        if from_dir is None:
+            raise ValueError("stage 2 alone needs from_dir: a stage-1 run folder or a student folder")
+        src = Path(from_dir)
+        src = src / "stage1" / "best" if (src / "stage1" / "best").exists() else src
+        generator = Student.load(src).model.params.copy()
+    student = None
+    summary: Dict[str, Any] = {}
+    for n in stages:
+        student, best = _run_stage(teacher, data, config, n, out_dir / f"stage{n}", generator,
+                                   progress, print_fn)
+        summary[f"stage{n}"] = best
+        generator = student.model.params.copy()
+    assert student is not None
+    student.info["stages"] = summary
+    student.save(out_dir / "student")
+    ckpt.atomic_write_json(out_dir / "summary.json", summary)
+    return student
