@@ -14,6 +14,10 @@
 
 #include "cblas.h"
 
+/* Below this many elements a loop runs on one thread: forking a team costs more,
+ * and on a loaded machine a barrier waiting for a descheduled thread costs far more. */
+#define DL_PAR_MIN ((size_t)32768)
+
 /* scipy-openblas32 prefixes every symbol with scipy_. */
 #define SGEMM scipy_cblas_sgemm
 

@@ -23,7 +23,7 @@ static inline uint64_t mix64(uint64_t z) {
 void gaussian_fill(float *out, size_t n, uint64_t seed) {
     uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ULL);
     size_t pairs = (n + 1) / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < pairs; i++) {
         uint64_t r1 = mix64(key ^ mix64(2 * i + 1)), r2 = mix64(key ^ mix64(2 * i + 2));
         double u1 = ((r1 >> 11) + 0.5) * (1.0 / 9007199254740992.0);
@@ -36,7 +36,7 @@ void gaussian_fill(float *out, size_t n, uint64_t seed) {
 
 void q_sample(float *xt, const float *x0, const float *noise, const float *a, const float *s,
               const float *mask, size_t B, size_t L, size_t E) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * L * E > DL_PAR_MIN)
     for (size_t r = 0; r < B * L; r++) {
         size_t b = r / L;
         const float *x = x0 + r * E, *z = noise + r * E;
@@ -54,7 +54,7 @@ void q_sample(float *xt, const float *x0, const float *noise, const float *a, co
 void mse_loss(float *mse, float *grad_f, const float *f, const float *x0, const float *x0_mean,
               const uint8_t *use_mean, const float *weight, size_t B, size_t L, size_t E) {
     size_t n = L * E;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * n > DL_PAR_MIN)
     for (size_t b = 0; b < B; b++) {
         const float *fb = f + b * n, *tb = (use_mean[b] ? x0_mean : x0) + b * n;
         float *gb = grad_f + b * n;
@@ -71,17 +71,17 @@ void mse_loss(float *mse, float *grad_f, const float *f, const float *x0, const 
 
 void cross_entropy(float *nll, float *logits, const int64_t *target, const float *scale,
                    size_t M, size_t V) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * V > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) {
         float *z = logits + m * V, mx = z[0];
         for (size_t v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
-        float s = 0.0f;
+        size_t y = (size_t)target[m];
+        float target_logit = z[y], s = 0.0f;
         for (size_t v = 0; v < V; v++) {
             z[v] = expf(z[v] - mx);
             s += z[v];
         }
-        size_t y = (size_t)target[m];
-        nll[m] = logf(s) - logf(z[y]);
+        nll[m] = logf(s) - (target_logit - mx); /* no exp underflow for far-off targets */
         float k = scale[m] / s;
 #pragma omp simd
         for (size_t v = 0; v < V; v++) z[v] *= k;
@@ -134,7 +134,7 @@ void affine_argmax(int64_t *tokens, const float *x, const float *W, const float 
 void posterior_step(float *x_prev, const float *x0, const float *xt, const float *noise,
                     const float *c1, const float *c2, const float *sigma, const float *mask,
                     const float *anchor, size_t B, size_t L, size_t E) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * L * E > DL_PAR_MIN)
     for (size_t r = 0; r < B * L; r++) {
         size_t b = r / L;
         float *o = x_prev + r * E;

@@ -5,7 +5,7 @@ void sid_loss(float *loss, float *omega, float *g_yr, float *g_yf, float *g_eg, 
               const float *y_f, const float *e_g, const float *mask, float alpha, size_t B,
               size_t L, size_t E) {
     size_t n = L * E;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * n > DL_PAR_MIN)
     for (size_t b = 0; b < B; b++) {
         const float *yr = y_r + b * n, *yf = y_f + b * n, *eg = e_g + b * n, *mk = mask + b * L;
         double abs_sum = 0.0;
@@ -47,7 +47,7 @@ double denoise_loss(float *grad, const float *pred, const float *target, const f
     for (size_t r = 0; r < B * L; r++) positions += mask[r] != 0.0f;
     float k = positions ? 2.0f / (float)positions : 0.0f;
     double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
+#pragma omp parallel for schedule(static) reduction(+ : total) if (B * L * E > DL_PAR_MIN)
     for (size_t r = 0; r < B * L; r++) {
         const float *p = pred + r * E, *t = target + r * E;
         float *g = grad + r * E;
@@ -68,7 +68,7 @@ double denoise_loss(float *grad, const float *pred, const float *target, const f
 
 void disc_logits(float *logit, const float *hidden, const float *mask, const float *w, float bias,
                  size_t B, size_t L, size_t H) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * L * H > DL_PAR_MIN)
     for (size_t b = 0; b < B; b++) {
         double s = 0.0;
         size_t count = 0;

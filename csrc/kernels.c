@@ -42,7 +42,7 @@ void matmul(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const flo
 void linear_forward(float *y, const float *x, const float *W, const float *b, size_t M,
                     size_t in, size_t out) {
     if (b) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * out > DL_PAR_MIN)
         for (size_t m = 0; m < M; m++) memcpy(y + m * out, b, out * sizeof(float));
     }
     matmul(0, 1, M, out, in, 1.0f, x, in, W, in, b ? 1.0f : 0.0f, y, out);
@@ -50,7 +50,7 @@ void linear_forward(float *y, const float *x, const float *W, const float *b, si
 
 void colsum_accumulate(float *out, const float *x, size_t M, size_t C) {
     size_t nb = (C + COL_BLOCK - 1) / COL_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
     for (size_t blk = 0; blk < nb; blk++) {
         size_t c0 = blk * COL_BLOCK, c1 = c0 + COL_BLOCK < C ? c0 + COL_BLOCK : C;
         float acc[COL_BLOCK] = {0};
@@ -73,7 +73,7 @@ void linear_backward(float *dx, float *dW, float *db, const float *dy, const flo
 void layernorm_forward(float *out, float *res, float *mean, float *rstd, const float *a,
                        const float *b, const float *w, const float *bias, size_t M, size_t C,
                        float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) {
         const float *ar = a + m * C;
         float *rr = res + m * C, *o = out + m * C;
@@ -101,7 +101,7 @@ void layernorm_forward(float *out, float *res, float *mean, float *rstd, const f
 void layernorm_backward(float *dx, float *dw, float *db, const float *dout, const float *res,
                         const float *mean, const float *rstd, const float *w, size_t M, size_t C) {
     if (dx) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
         for (size_t m = 0; m < M; m++) {
             const float *g = dout + m * C, *r = res + m * C;
             float mu = mean[m], rs = rstd[m], s1 = 0.0f, s2 = 0.0f;
@@ -123,7 +123,7 @@ void layernorm_backward(float *dx, float *dw, float *db, const float *dout, cons
     }
     if (dw || db) {
         size_t nb = (C + COL_BLOCK - 1) / COL_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
         for (size_t blk = 0; blk < nb; blk++) {
             size_t c0 = blk * COL_BLOCK, c1 = c0 + COL_BLOCK < C ? c0 + COL_BLOCK : C;
             float aw[COL_BLOCK] = {0}, ab[COL_BLOCK] = {0};
@@ -145,13 +145,13 @@ void layernorm_backward(float *dx, float *dw, float *db, const float *dout, cons
 }
 
 void gelu_forward(float *out, const float *x, size_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
 }
 
 void gelu_backward(float *dx, const float *x, const float *dout, size_t n) {
     const float inv_sqrt_2pi = 0.3989422804014327f;
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float cdf = 0.5f * (1.0f + erff(x[i] * (float)M_SQRT1_2));
         float pdf = expf(-0.5f * x[i] * x[i]) * inv_sqrt_2pi;
@@ -160,22 +160,22 @@ void gelu_backward(float *dx, const float *x, const float *dout, size_t n) {
 }
 
 void tanh_forward(float *out, const float *x, size_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = tanhf(x[i]);
 }
 
 void tanh_backward(float *dx, const float *y, const float *dout, size_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) dx[i] = dout[i] * (1.0f - y[i] * y[i]);
 }
 
 void silu_forward(float *out, const float *x, size_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = x[i] / (1.0f + expf(-x[i]));
 }
 
 void silu_backward(float *dx, const float *x, const float *dout, size_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float s = 1.0f / (1.0f + expf(-x[i]));
         dx[i] = dout[i] * s * (1.0f + x[i] * (1.0f - s));
@@ -211,7 +211,7 @@ void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site) {
     uint64_t key = site_key(seed, site);
     uint32_t thr = dropout_threshold(p);
     float scale = 1.0f / (1.0f - p);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) x[i] = keep_bit(key, i, thr) ? x[i] * scale : 0.0f;
 }
 
@@ -320,13 +320,13 @@ void timestep_embedding(float *out, const float *t, size_t B, size_t D) {
 }
 
 void embedding_forward(float *out, const int64_t *tok, const float *W, size_t M, size_t E) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * E > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) memcpy(out + m * E, W + (size_t)tok[m] * E, E * sizeof(float));
 }
 
 void embedding_backward(float *dW, const int64_t *tok, const float *g, size_t M, size_t E) {
     size_t nb = (E + COL_BLOCK - 1) / COL_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * E > DL_PAR_MIN)
     for (size_t blk = 0; blk < nb; blk++) {
         size_t c0 = blk * COL_BLOCK, c1 = c0 + COL_BLOCK < E ? c0 + COL_BLOCK : E;
         for (size_t m = 0; m < M; m++) {

@@ -324,7 +324,7 @@ void model_forward(Model *m, const float *x, const float *t, float *y, size_t B,
         up = a->up;
     }
     const float *pos = P + lay->pos;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * H > DL_PAR_MIN)
     for (size_t r = 0; r < M; r++) {
         const float *pr = pos + (r % L) * H, *ur = up + r * H, *tr = a->temb + (r / L) * H;
         float *o = a->emb_res + r * H;
@@ -414,7 +414,7 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
         memcpy(a->g1, dy, M * H * sizeof(float));
     }
     if (dhidden) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (M * H > DL_PAR_MIN)
         for (size_t i = 0; i < M * H; i++) a->g1[i] += dhidden[i];
     }
     for (size_t l = d->N; l-- > 0;) {
@@ -426,7 +426,7 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
                        a->rstd0, P + lay->ln_w, M, H);
     if (pg) {
         float *gpos = G + lay->pos;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * L * H > DL_PAR_MIN)
         for (size_t l = 0; l < L; l++)
             for (size_t b = 0; b < B; b++) {
                 const float *g = a->g2 + (b * L + l) * H;
@@ -434,7 +434,7 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
                 for (size_t c = 0; c < H; c++) gpos[l * H + c] += g[c];
             }
         float *gt = a->gtemb, *gte = a->gtemb + B * H;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * L * H > DL_PAR_MIN)
         for (size_t b = 0; b < B; b++) {
             float *o = gt + b * H;
             memset(o, 0, H * sizeof(float));

@@ -8,7 +8,7 @@ void adamw_step(float *p, const float *g, float *m, float *v, size_t n, float lr
     float bc1 = 1.0f - powf(beta1, (float)step);
     float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)step));
     float step_size = lr / bc1, decay = 1.0f - lr * weight_decay;
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float gi = g[i];
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
@@ -20,7 +20,7 @@ void adamw_step(float *p, const float *g, float *m, float *v, size_t n, float lr
 }
 
 void clip_by_value(float *g, size_t n, float c) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) g[i] = g[i] > c ? c : (g[i] < -c ? -c : g[i]);
 }
 
@@ -28,7 +28,7 @@ double global_norm(const float *g, size_t n) {
     size_t nc = (n + NORM_CHUNK - 1) / NORM_CHUNK;
     double *part = malloc((nc ? nc : 1) * sizeof(double));
     if (!part) return NAN;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
     for (size_t c = 0; c < nc; c++) {
         size_t i0 = c * NORM_CHUNK, i1 = i0 + NORM_CHUNK < n ? i0 + NORM_CHUNK : n;
         double s = 0.0;
@@ -42,18 +42,18 @@ double global_norm(const float *g, size_t n) {
 }
 
 void scale_inplace(float *g, size_t n, float s) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) g[i] *= s;
 }
 
 void ema_update(float *ema, const float *p, size_t n, float decay) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) ema[i] = decay * ema[i] + (1.0f - decay) * p[i];
 }
 
 size_t count_nonfinite(const float *x, size_t n) {
     size_t bad = 0;
-#pragma omp parallel for simd reduction(+ : bad) schedule(static)
+#pragma omp parallel for simd reduction(+ : bad) schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) bad += !isfinite(x[i]);
     return bad;
 }

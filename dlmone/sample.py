@@ -14,10 +14,11 @@ Progress = Optional[Callable[[int], None]]
 
 
 def ddim_timesteps(T: int, k: int) -> np.ndarray:
-    """k evenly spaced timesteps from T-1 down to 0 (distinct, descending)."""
+    """k evenly spaced timesteps from T-1 down to 0 (distinct, descending); k = 1 is
+    the single step from pure noise, t = T-1."""
     if not 1 <= k <= T:
         raise ValueError(f"steps must be in [1, {T}], got {k}")
-    return np.unique(np.round(np.linspace(0, T - 1, k)).astype(np.int64))[::-1].copy()
+    return np.round(np.linspace(T - 1, 0, k)).astype(np.int64)
 
 
 def _anchor_start(x_src: np.ndarray, mask: np.ndarray, seed: int) -> np.ndarray:

@@ -256,9 +256,10 @@ class Tokenizer:
         The vocabulary is [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4, then
         the single-character pieces seen in the texts, sorted (a character
         that starts a word as itself, one inside a word as ``##`` + it), then
-        merged pieces in the order they were learned. It is smaller than
-        ``vocab_size`` when the texts run out of pairs seen at least
-        ``min_frequency`` times (e.g. the built-in task saturates at 636).
+        merged pieces in the order they were learned, less those that no training
+        word uses once all merges are learned. It is smaller than ``vocab_size``
+        then, and when the texts run out of pairs seen at least ``min_frequency``
+        times (e.g. the built-in task saturates at 269 tokens).
         Deterministic: the same texts, in any order, give the same vocabulary.
 
         Raises:
@@ -285,7 +286,13 @@ class Tokenizer:
                 f"use vocab_size >= {base_size}"
             )
         merges = _learn_merges(words, frequencies, vocab_size - base_size, min_frequency)
-        return cls(SPECIAL_TOKENS + tuple(alphabet) + tuple(merges))
+        full = cls(SPECIAL_TOKENS + tuple(alphabet) + tuple(merges))
+        # Intermediate merges ("ould" on the way to "should") that no training word
+        # ends up using would only be untrained embeddings a diffusion LM can decode
+        # into; greedy longest-match gives the training words the same pieces without them.
+        used = {piece for ids in full.encode_batch(sorted(word_counts)) for piece in ids}
+        kept = tuple(m for m in merges if full.token_to_id(m) in used)
+        return cls(SPECIAL_TOKENS + tuple(alphabet) + kept)
 
     @classmethod
     def from_vocab_file(cls, path: PathLike) -> Tokenizer:

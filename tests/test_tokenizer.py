@@ -94,9 +94,21 @@ def test_train_layout_and_specials():
 
 def test_train_stops_when_pairs_run_out():
     # Alphabet sorted ("#" < "a"), then merges; the tie between (##a, ##a) and
-    # (a, ##a) goes to the smaller pair.
+    # (a, ##a) goes to the smaller pair. "##aa" was learned on the way to "aaa"
+    # but no word uses it in the end, so it is pruned.
     tokenizer = Tokenizer.train(["aaa"], vocab_size=1000)
-    assert tokenizer.vocab[len(SPECIAL_TOKENS) :] == ("##a", "a", "##aa", "aaa")
+    assert tokenizer.vocab[len(SPECIAL_TOKENS) :] == ("##a", "a", "aaa")
+
+
+def test_train_prunes_intermediate_merges_and_keeps_encodings():
+    texts = ["should would could", "shoulder boulder", "should"]
+    tokenizer = Tokenizer.train(texts, vocab_size=1000)
+    words = "should would could shoulder boulder".split()
+    used = {t for w in words for t in tokenizer.encode(w)}
+    alphabet_and_specials = {t for t in tokenizer.vocab if len(t.replace("##", "")) == 1} | set(SPECIAL_TOKENS)
+    for token in tokenizer.vocab:
+        assert token in alphabet_and_specials or tokenizer.token_to_id(token) in used, token
+    assert [tokenizer.decode([i]) for i in tokenizer.encode("should shoulder")] == ["should", "shoulder"]
 
 
 def test_train_min_frequency():
