@@ -1,5 +1,6 @@
 /* Diffusion kernels: schedule, noising, loss terms, sampler steps, decoding. */
 #include "diffusion.h"
+#include "mathfun.h"
 
 static double abar_sqrt(double s) { return 1.0 - sqrt(s + 1e-4); }
 
@@ -74,11 +75,13 @@ void cross_entropy(float *nll, float *logits, const int64_t *target, const float
 #pragma omp parallel for schedule(static) if (M * V > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) {
         float *z = logits + m * V, mx = z[0];
+#pragma omp simd reduction(max : mx)
         for (size_t v = 1; v < V; v++) mx = z[v] > mx ? z[v] : mx;
         size_t y = (size_t)target[m];
         float target_logit = z[y], s = 0.0f;
+#pragma omp simd reduction(+ : s)
         for (size_t v = 0; v < V; v++) {
-            z[v] = expf(z[v] - mx);
+            z[v] = dl_expf(z[v] - mx);
             s += z[v];
         }
         nll[m] = logf(s) - (target_logit - mx); /* no exp underflow for far-off targets */

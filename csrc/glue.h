@@ -28,5 +28,6 @@ static inline float *fdata(PyArrayObject *a) { return (float *)PyArray_DATA(a); 
 extern PyMethodDef optim_methods[];
 extern PyMethodDef diffusion_methods[];
 extern PyMethodDef distill_methods[];
+extern PyMethodDef kernel_methods[];
 
 #endif

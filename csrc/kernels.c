@@ -1,5 +1,6 @@
 /* Layer kernels of the DiffuSeq transformer, forward and backward. */
 #include "kernels.h"
+#include "mathfun.h"
 
 /* Fixed block sizes: the same blocks (hence bitwise the same results) for any
  * number of threads. */
@@ -146,22 +147,22 @@ void layernorm_backward(float *dx, float *dw, float *db, const float *dout, cons
 
 void gelu_forward(float *out, const float *x, size_t n) {
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
-    for (size_t i = 0; i < n; i++) out[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+    for (size_t i = 0; i < n; i++) out[i] = 0.5f * x[i] * (1.0f + dl_erff(x[i] * (float)M_SQRT1_2));
 }
 
 void gelu_backward(float *dx, const float *x, const float *dout, size_t n) {
     const float inv_sqrt_2pi = 0.3989422804014327f;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
-        float cdf = 0.5f * (1.0f + erff(x[i] * (float)M_SQRT1_2));
-        float pdf = expf(-0.5f * x[i] * x[i]) * inv_sqrt_2pi;
+        float cdf = 0.5f * (1.0f + dl_erff(x[i] * (float)M_SQRT1_2));
+        float pdf = dl_expf(-0.5f * x[i] * x[i]) * inv_sqrt_2pi;
         dx[i] = dout[i] * (cdf + x[i] * pdf);
     }
 }
 
 void tanh_forward(float *out, const float *x, size_t n) {
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
-    for (size_t i = 0; i < n; i++) out[i] = tanhf(x[i]);
+    for (size_t i = 0; i < n; i++) out[i] = dl_tanhf(x[i]);
 }
 
 void tanh_backward(float *dx, const float *y, const float *dout, size_t n) {
@@ -171,13 +172,13 @@ void tanh_backward(float *dx, const float *y, const float *dout, size_t n) {
 
 void silu_forward(float *out, const float *x, size_t n) {
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
-    for (size_t i = 0; i < n; i++) out[i] = x[i] / (1.0f + expf(-x[i]));
+    for (size_t i = 0; i < n; i++) out[i] = x[i] * dl_sigmoidf(x[i]);
 }
 
 void silu_backward(float *dx, const float *x, const float *dout, size_t n) {
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
-        float s = 1.0f / (1.0f + expf(-x[i]));
+        float s = dl_sigmoidf(x[i]);
         dx[i] = dout[i] * s * (1.0f + x[i] * (1.0f - s));
     }
 }
@@ -239,9 +240,11 @@ void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_
             sgemm_block(0, 1, L, L, d, scale, q, ld, k, ld, 0.0f, P, L);
             for (size_t i = 0; i < L; i++) {
                 float *row = P + i * L, mx = row[0], s = 0.0f;
+#pragma omp simd reduction(max : mx)
                 for (size_t j = 1; j < L; j++) mx = row[j] > mx ? row[j] : mx;
+#pragma omp simd reduction(+ : s)
                 for (size_t j = 0; j < L; j++) {
-                    row[j] = expf(row[j] - mx);
+                    row[j] = dl_expf(row[j] - mx);
                     s += row[j];
                 }
                 float inv = 1.0f / s;

@@ -428,7 +428,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
     if (PyModule_AddFunctions(m, optim_methods) < 0 || PyModule_AddFunctions(m, diffusion_methods) < 0 ||
-        PyModule_AddFunctions(m, distill_methods) < 0) {
+        PyModule_AddFunctions(m, distill_methods) < 0 ||
+        PyModule_AddFunctions(m, kernel_methods) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,0 +1,162 @@
+/* Glue exposing single layer kernels, for kernel-level tests (finite differences,
+ * accuracy of the vectorised math) and for benchmarks. */
+#include "glue.h"
+#include "kernels.h"
+#include "mathfun.h"
+
+/* elementwise(op, x) -> y for a float32 array of any shape; op names below. */
+static PyObject *py_elementwise(PyObject *mod, PyObject *args) {
+    const char *op;
+    PyObject *xo;
+    if (!PyArg_ParseTuple(args, "sO", &op, &xo)) return NULL;
+    if (!PyArray_Check(xo)) return PyErr_Format(PyExc_TypeError, "x must be a numpy.ndarray");
+    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, PyArray_NDIM((PyArrayObject *)xo), NULL, 0);
+    if (!x) return NULL;
+    size_t n = (size_t)PyArray_SIZE(x);
+    PyObject *out = new_float_array(PyArray_NDIM(x), PyArray_DIMS(x));
+    if (!out) return NULL;
+    float *y = fdata((PyArrayObject *)out);
+    const float *a = fdata(x);
+    float *ones = NULL;
+    if (!strcmp(op, "exp")) {
+        for (size_t i = 0; i < n; i++) y[i] = dl_expf(a[i]);
+    } else if (!strcmp(op, "erf")) {
+        for (size_t i = 0; i < n; i++) y[i] = dl_erff(a[i]);
+    } else if (!strcmp(op, "tanh")) {
+        tanh_forward(y, a, n);
+    } else if (!strcmp(op, "gelu")) {
+        gelu_forward(y, a, n);
+    } else if (!strcmp(op, "silu")) {
+        silu_forward(y, a, n);
+    } else if (!strcmp(op, "gelu_grad") || !strcmp(op, "silu_grad")) {
+        ones = malloc((n ? n : 1) * sizeof(float));
+        if (!ones) {
+            Py_DECREF(out);
+            return PyErr_NoMemory();
+        }
+        for (size_t i = 0; i < n; i++) ones[i] = 1.0f;
+        if (op[0] == 'g') gelu_backward(y, a, ones, n);
+        else silu_backward(y, a, ones, n);
+        free(ones);
+    } else {
+        Py_DECREF(out);
+        return PyErr_Format(PyExc_ValueError, "unknown op %s (exp, erf, tanh, gelu, silu, gelu_grad, silu_grad)", op);
+    }
+    return out;
+}
+
+static PyObject *py_layernorm(PyObject *mod, PyObject *args) {
+    PyObject *xo, *wo, *bo;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOOf", &xo, &wo, &bo, &eps)) return NULL;
+    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, 2, NULL, 0);
+    if (!x) return NULL;
+    npy_intp M = PyArray_DIM(x, 0), C = PyArray_DIM(x, 1), cs[1] = {C}, ms[1] = {M};
+    PyArrayObject *w = check_array(wo, "weight", NPY_FLOAT32, 1, cs, 0);
+    PyArrayObject *b = w ? check_array(bo, "bias", NPY_FLOAT32, 1, cs, 0) : NULL;
+    if (!b) return NULL;
+    PyObject *y = new_float_array(2, PyArray_DIMS(x)), *res = new_float_array(2, PyArray_DIMS(x));
+    PyObject *mean = new_float_array(1, ms), *rstd = new_float_array(1, ms);
+    if (!y || !res || !mean || !rstd) {
+        Py_XDECREF(y); Py_XDECREF(res); Py_XDECREF(mean); Py_XDECREF(rstd);
+        return NULL;
+    }
+    layernorm_forward(fdata((PyArrayObject *)y), fdata((PyArrayObject *)res), fdata((PyArrayObject *)mean),
+                      fdata((PyArrayObject *)rstd), fdata(x), NULL, fdata(w), fdata(b), (size_t)M, (size_t)C, eps);
+    Py_DECREF(res);
+    return Py_BuildValue("(NNN)", y, mean, rstd);
+}
+
+static PyObject *py_layernorm_backward(PyObject *mod, PyObject *args) {
+    PyObject *go, *xo, *mo, *ro, *wo;
+    if (!PyArg_ParseTuple(args, "OOOOO", &go, &xo, &mo, &ro, &wo)) return NULL;
+    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, 2, NULL, 0);
+    if (!x) return NULL;
+    npy_intp M = PyArray_DIM(x, 0), C = PyArray_DIM(x, 1), cs[1] = {C}, ms[1] = {M};
+    PyArrayObject *g = check_array(go, "grad_out", NPY_FLOAT32, 2, PyArray_DIMS(x), 0);
+    PyArrayObject *mn = g ? check_array(mo, "mean", NPY_FLOAT32, 1, ms, 0) : NULL;
+    PyArrayObject *rs = mn ? check_array(ro, "rstd", NPY_FLOAT32, 1, ms, 0) : NULL;
+    PyArrayObject *w = rs ? check_array(wo, "weight", NPY_FLOAT32, 1, cs, 0) : NULL;
+    if (!w) return NULL;
+    PyObject *dx = new_float_array(2, PyArray_DIMS(x));
+    PyObject *dw = PyArray_ZEROS(1, cs, NPY_FLOAT32, 0), *db = PyArray_ZEROS(1, cs, NPY_FLOAT32, 0);
+    if (!dx || !dw || !db) {
+        Py_XDECREF(dx); Py_XDECREF(dw); Py_XDECREF(db);
+        return NULL;
+    }
+    layernorm_backward(fdata((PyArrayObject *)dx), fdata((PyArrayObject *)dw), fdata((PyArrayObject *)db),
+                       fdata(g), fdata(x), fdata(mn), fdata(rs), fdata(w), (size_t)M, (size_t)C);
+    return Py_BuildValue("(NNN)", dx, dw, db);
+}
+
+static PyObject *py_attention(PyObject *mod, PyObject *args) {
+    PyObject *qo;
+    Py_ssize_t A;
+    float p = 0.0f;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTuple(args, "On|fK", &qo, &A, &p, &seed)) return NULL;
+    PyArrayObject *q = check_array(qo, "qkv", NPY_FLOAT32, 3, NULL, 0);
+    if (!q) return NULL;
+    npy_intp B = PyArray_DIM(q, 0), L = PyArray_DIM(q, 1), H3 = PyArray_DIM(q, 2);
+    if (A < 1 || H3 % (3 * A) || B < 1 || L < 1)
+        return PyErr_Format(PyExc_ValueError, "qkv must be [B, L, 3H] with H divisible by heads=%zd", A);
+    if (!(p >= 0.0f && p < 1.0f)) return PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1)");
+    npy_intp cs[3] = {B, L, H3 / 3}, as[4] = {B, (npy_intp)A, L, L};
+    PyObject *ctx = new_float_array(3, cs), *att = new_float_array(4, as);
+    if (!ctx || !att) {
+        Py_XDECREF(ctx); Py_XDECREF(att);
+        return NULL;
+    }
+    attention_forward(fdata((PyArrayObject *)ctx), fdata((PyArrayObject *)att), fdata(q), (size_t)B,
+                      (size_t)L, (size_t)(H3 / 3), (size_t)A, p, seed, 0);
+    return Py_BuildValue("(NN)", ctx, att);
+}
+
+static PyObject *py_attention_backward(PyObject *mod, PyObject *args) {
+    PyObject *go, *ao, *qo;
+    Py_ssize_t A;
+    float p = 0.0f;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTuple(args, "OOOn|fK", &go, &ao, &qo, &A, &p, &seed)) return NULL;
+    PyArrayObject *q = check_array(qo, "qkv", NPY_FLOAT32, 3, NULL, 0);
+    if (!q) return NULL;
+    npy_intp B = PyArray_DIM(q, 0), L = PyArray_DIM(q, 1), H3 = PyArray_DIM(q, 2);
+    if (A < 1 || H3 % (3 * A)) return PyErr_Format(PyExc_ValueError, "qkv must be [B, L, 3H] with H divisible by heads");
+    npy_intp cs[3] = {B, L, H3 / 3}, as[4] = {B, (npy_intp)A, L, L};
+    PyArrayObject *g = check_array(go, "grad_ctx", NPY_FLOAT32, 3, cs, 0);
+    PyArrayObject *a = g ? check_array(ao, "att", NPY_FLOAT32, 4, as, 0) : NULL;
+    if (!a) return NULL;
+    PyObject *dq = new_float_array(3, PyArray_DIMS(q));
+    if (!dq) return NULL;
+    attention_backward(fdata((PyArrayObject *)dq), fdata(g), fdata(a), fdata(q), (size_t)B, (size_t)L,
+                       (size_t)(H3 / 3), (size_t)A, p, seed, 0);
+    return dq;
+}
+
+static PyObject *py_timestep_embedding(PyObject *mod, PyObject *args) {
+    PyObject *to;
+    Py_ssize_t D;
+    if (!PyArg_ParseTuple(args, "On", &to, &D)) return NULL;
+    PyArrayObject *t = check_array(to, "t", NPY_FLOAT32, 1, NULL, 0);
+    if (!t) return NULL;
+    if (D < 2) return PyErr_Format(PyExc_ValueError, "dim must be >= 2, got %zd", D);
+    npy_intp s[2] = {PyArray_DIM(t, 0), (npy_intp)D};
+    PyObject *out = new_float_array(2, s);
+    if (!out) return NULL;
+    timestep_embedding(fdata((PyArrayObject *)out), fdata(t), (size_t)s[0], (size_t)D);
+    return out;
+}
+
+PyMethodDef kernel_methods[] = {
+    {"elementwise", py_elementwise, METH_VARARGS,
+     "elementwise(op, x): exp, erf (the vectorised versions), tanh, gelu, silu, gelu_grad, silu_grad"},
+    {"layernorm", py_layernorm, METH_VARARGS, "layernorm(x[M,C], w, b, eps) -> (y, mean, rstd)"},
+    {"layernorm_backward", py_layernorm_backward, METH_VARARGS,
+     "layernorm_backward(grad_out, x, mean, rstd, w) -> (dx, dw, db)"},
+    {"attention", py_attention, METH_VARARGS,
+     "attention(qkv[B,L,3H], heads, dropout=0, seed=0) -> (ctx[B,L,H], att[B,A,L,L])"},
+    {"attention_backward", py_attention_backward, METH_VARARGS,
+     "attention_backward(grad_ctx, att, qkv, heads, dropout=0, seed=0) -> grad_qkv"},
+    {"timestep_embedding", py_timestep_embedding, METH_VARARGS,
+     "timestep_embedding(t[B] float32, dim) -> [B, dim]"},
+    {NULL}};

@@ -1,0 +1,123 @@
+"""Single C kernels: accuracy of the vectorised math, finite-difference checks of the
+layer kernels' backward passes, and bad input at the kernel entry points."""
+import math
+
+import numpy as np
+import pytest
+
+from dlmone import _core
+
+EPS32 = np.finfo(np.float32).eps
+
+
+def test_exp_within_one_ulp_and_special_values():
+    x = np.linspace(-86.0, 88.7, 1_000_001).astype(np.float32)
+    ref = np.exp(x.astype(np.float64))
+    rel = np.abs(_core.elementwise("exp", x) - ref) / ref
+    assert rel.max() < 1.0 * EPS32
+    special = _core.elementwise("exp", np.array([np.nan, np.inf, -np.inf, 89.0, -100.0, 0.0], np.float32))
+    assert np.isnan(special[0]) and special[1] == np.inf and special[3] == np.inf
+    assert special[2] == 0.0 and special[4] == 0.0 and special[5] == 1.0
+
+
+def test_erf_and_tanh_accuracy():
+    x = np.linspace(-10, 10, 400_001).astype(np.float32)
+    erf = np.vectorize(math.erf)(x.astype(np.float64))
+    assert np.abs(_core.elementwise("erf", x) - erf).max() < 4e-7
+    assert np.abs(_core.elementwise("tanh", x) - np.tanh(x.astype(np.float64))).max() < 2e-7
+    small = np.linspace(-0.6, 0.6, 10_001).astype(np.float32)
+    small = small[small != 0]
+    rel = np.abs(_core.elementwise("tanh", small) / np.tanh(small.astype(np.float64)) - 1)
+    assert rel.max() < 4 * EPS32
+    for op in ("erf", "tanh", "gelu", "silu"):
+        assert np.isnan(_core.elementwise(op, np.array([np.nan], np.float32))[0])
+
+
+def test_activation_gradients_match_central_differences():
+    x = np.linspace(-6, 6, 2001).astype(np.float64)
+    h = 1e-3
+    for op in ("gelu", "silu"):
+        f = lambda v: _core.elementwise(op, v.astype(np.float32)).astype(np.float64)  # noqa: E731
+        fd = (f(x + h) - f(x - h)) / (2 * h)
+        grad = _core.elementwise(op + "_grad", x.astype(np.float32))
+        assert np.abs(grad - fd).max() < 2e-3, op
+    gelu = _core.elementwise("gelu", x.astype(np.float32))
+    exact = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    assert np.abs(gelu - exact).max() < 1e-6
+
+
+def _layernorm_loss(x, w, b, g, eps=1e-5):
+    y, _, _ = _core.layernorm(x.astype(np.float32), w.astype(np.float32), b.astype(np.float32), eps)
+    return float((y.astype(np.float64) * g).sum())
+
+
+def test_layernorm_backward_matches_finite_differences(rng):
+    M, C = 5, 12
+    x = rng.standard_normal((M, C)).astype(np.float32)
+    w = (1 + 0.3 * rng.standard_normal(C)).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    g = rng.standard_normal((M, C))
+    _, mean, rstd = _core.layernorm(x, w, b, 1e-5)
+    dx, dw, db = _core.layernorm_backward(g.astype(np.float32), x, mean, rstd, w)
+    h = 1e-2
+    for arr, grad in ((x, dx), (w, dw), (b, db)):
+        direction = rng.standard_normal(arr.shape)
+        plus, minus = arr + h * direction, arr - h * direction
+        args = lambda a: (a, w, b) if arr is x else ((x, a, b) if arr is w else (x, w, a))  # noqa: E731
+        fd = (_layernorm_loss(*args(plus), g) - _layernorm_loss(*args(minus), g)) / (2 * h)
+        analytic = float((grad * direction).sum())
+        assert abs(fd - analytic) <= 2e-3 * (1 + abs(analytic))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_attention_backward_matches_finite_differences(rng, dropout):
+    B, L, A, d = 2, 5, 2, 3
+    qkv = rng.standard_normal((B, L, 3 * A * d)).astype(np.float32)
+    g = rng.standard_normal((B, L, A * d))
+    ctx, att = _core.attention(qkv, A, dropout, 7)
+    assert np.allclose(att.sum(-1), 1.0, atol=1e-6)
+    dqkv = _core.attention_backward(g.astype(np.float32), att, qkv, A, dropout, 7)
+    loss = lambda q: float((_core.attention(q.astype(np.float32), A, dropout, 7)[0] * g).sum())  # noqa: E731
+    h = 1e-2
+    for _ in range(4):
+        direction = rng.standard_normal(qkv.shape)
+        fd = (loss(qkv + h * direction) - loss(qkv - h * direction)) / (2 * h)
+        analytic = float((dqkv * direction).sum())
+        assert abs(fd - analytic) <= 2e-3 * (1 + abs(analytic))
+
+
+def test_attention_matches_numpy_softmax(rng):
+    B, L, A, d = 2, 6, 3, 4
+    H = A * d
+    qkv = rng.standard_normal((B, L, 3 * H)).astype(np.float32)
+    ctx, att = _core.attention(qkv, A)
+    q, k, v = (qkv[..., i * H:(i + 1) * H].reshape(B, L, A, d).transpose(0, 2, 1, 3).astype(np.float64)
+               for i in range(3))
+    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = (p @ v).transpose(0, 2, 1, 3).reshape(B, L, H)
+    assert np.abs(att - p).max() < 1e-6 and np.abs(ctx - ref).max() < 1e-5
+
+
+def test_timestep_embedding_is_exact():
+    t = np.array([0.0, 1.0, 500.0, 999.5], np.float32)
+    emb = _core.timestep_embedding(t, 9)
+    half = 4
+    freqs = np.exp(-math.log(10000) * np.arange(half) / half)
+    args = t.astype(np.float64)[:, None] * freqs
+    ref = np.concatenate([np.cos(args), np.sin(args), np.zeros((4, 1))], axis=1)
+    assert np.abs(emb - ref).max() < 1e-7
+
+
+def test_kernel_entry_points_reject_bad_input():
+    with pytest.raises(ValueError, match="unknown op"):
+        _core.elementwise("cosh", np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="x"):
+        _core.elementwise("exp", np.zeros(3))
+    with pytest.raises(ValueError, match="bias"):
+        _core.layernorm(np.zeros((2, 3), np.float32), np.ones(3, np.float32), np.zeros(4, np.float32), 1e-5)
+    with pytest.raises(ValueError, match="heads"):
+        _core.attention(np.zeros((1, 2, 9), np.float32), 2)
+    with pytest.raises(ValueError, match="dim"):
+        _core.timestep_embedding(np.zeros(2, np.float32), 1)
