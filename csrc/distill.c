@@ -46,8 +46,9 @@ double denoise_loss(float *grad, const float *pred, const float *target, const f
     size_t positions = 0;
     for (size_t r = 0; r < B * L; r++) positions += mask[r] != 0.0f;
     float k = positions ? 2.0f / (float)positions : 0.0f;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total) if (B * L * E > DL_PAR_MIN)
+    double *row_sums = calloc(B * L ? B * L : 1, sizeof(double));
+    if (!row_sums) return NAN;
+#pragma omp parallel for schedule(static) if (B * L * E > DL_PAR_MIN)
     for (size_t r = 0; r < B * L; r++) {
         const float *p = pred + r * E, *t = target + r * E;
         float *g = grad + r * E;
@@ -61,8 +62,11 @@ double denoise_loss(float *grad, const float *pred, const float *target, const f
             s += (double)d * d;
             g[e] = k * d;
         }
-        total += s;
+        row_sums[r] = s;
     }
+    double total = 0.0; /* summed in row order: the same for any thread count */
+    for (size_t r = 0; r < B * L; r++) total += row_sums[r];
+    free(row_sums);
     return positions ? total / (double)positions : 0.0;
 }
 

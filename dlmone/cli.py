@@ -1,4 +1,4 @@
-"""``dlmone`` command line: train-teacher, distill, generate, evaluate, info."""
+"""``dlmone`` command line: demo, train-teacher, distill, generate, evaluate, info."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +136,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.quiet,
+             print_fn=print)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import platform
 
@@ -199,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mbr", action="store_true", help="MBR over each row's candidates")
     e.add_argument("--out", help="metrics JSON (default: FILE.metrics.json)")
     e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("demo", help="the whole pipeline on the built-in task, side by side")
+    m.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    m.add_argument("--quick", action="store_true", help="a sub-minute version (used in CI)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("info", help="build and CPU information")
     i.set_defaults(func=cmd_info)

@@ -117,8 +117,8 @@ class Student(SequenceModel):
         return int(self.info["t_init"])
 
     def generate(self, sources: Sequence[str], steps: int = 1, seed: int = 0, batch_size: int = 256,
-                 num_candidates: int = 1, return_ids: bool = False, return_candidates: bool = False,
-                 **unused: Any) -> Any:
+                 num_candidates: int = 1, return_ids: bool = False,
+                 return_candidates: bool = False) -> Any:
         """One forward pass per batch (or ``steps`` ≤ 8 passes). Same outputs as
         :meth:`Teacher.generate`: strings, optionally ids and the S candidates."""
         if num_candidates < 1:
@@ -243,7 +243,7 @@ class Distiller:
         params = np.concatenate([self.head_w, self.head_b])
         grads = np.clip(np.append(g_w, np.float32(g_b)).astype(np.float32), -self.config.clip_value,
                         self.config.clip_value)
-        _core.adamw_step(params, grads, self.head_m, self.head_v, self.config.lr_psi, 0.0, 0.999,
+        _core.adamw_step(params, grads, self.head_m, self.head_v, self.opt_psi.lr, 0.0, 0.999,
                          1e-8, 0.0, self.opt_psi.step_count + 1)
         self.head_w[:] = params[:-1]
         self.head_b[:] = params[-1:]
@@ -355,10 +355,13 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                unit="step", dynamic_ncols=True)
     acc: Dict[str, List[float]] = {}
     try:
-        if step == 0:  # the generator as initialised (the teacher in one step)
+        if step == 0:  # the generator as initialised: the teacher in one step, or stage 1's best
             m = validate(student_now(), sources, references, config.eval_steps, config.seed)
             log.write(step=0, stage=stage, **{f"val_{k}": v for k, v in m.items()})
-            bar.write(f"stage {stage} step 0: BLEU {m['bleu']:.4f} (generator as initialised, {config.eval_steps} step)")
+            bar.write(f"stage {stage} step 0: BLEU {m['bleu']:.4f} (generator as initialised, "
+                      f"{config.eval_steps} step)")
+            best = {"bleu": m["bleu"], "step": 0}
+            student_now().save(out / "best")
         t0 = time.perf_counter()
         while step < config.steps:
             idx = rng.integers(0, len(ids), size=config.batch_size)

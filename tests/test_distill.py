@@ -252,6 +252,42 @@ def test_bce_with_logits_matches_torch():
         _core.bce_with_logits(z, y, 0.0)
 
 
+def test_kernels_reject_bad_inputs(rng):
+    y = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    m = np.ones((2, 4), np.float32)
+    with pytest.raises(TypeError):
+        _core.sid_loss(y.astype(np.float64), y, y, m, 1.2)
+    with pytest.raises(ValueError):
+        _core.sid_loss(y, y[:, :3].copy(), y, m, 1.2)
+    with pytest.raises(ValueError):
+        _core.sid_loss(y, y, y, np.ones((2, 3), np.float32), 1.2)
+    with pytest.raises(ValueError):
+        _core.denoise_loss(y, np.asfortranarray(y), m)
+    with pytest.raises(TypeError):
+        _core.disc_logits(y, m.astype(np.int64))
+    with pytest.raises((TypeError, ValueError)):
+        _core.disc_logits(y, m, (np.ones(2, np.float32), 0.0))  # w must be [H]
+    with pytest.raises(ValueError):
+        _core.disc_backward(np.ones(3, np.float32), y, m)
+    with pytest.raises(ValueError):
+        _core.bce_with_logits(np.zeros(2, np.float32), np.zeros(3, np.float32))
+
+
+def test_distill_config_validation_and_round_trip():
+    c = DistillConfig(stage1={"alpha": 1.0, "b_psi": 0.2, "b_g": 0.3}, disc_head="linear")
+    assert c.stage(1) == StageConfig(1.0, 0.2, 0.3) and c.stage(2) == StageConfig(0.5, 0.9, 0.1)
+    assert DistillConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    d = DistillConfig()
+    assert (d.t_init, d.t_min, d.t_max, d.lr_g, d.lr_psi, d.clip_value) == (1490, 0, 1976, 5e-5, 2e-4, 1.0)
+    assert d.stage1 == StageConfig(1.2, 0.5, 0.5)
+    for bad in (dict(disc_head="mlp"), dict(t_min=5, t_max=4), dict(eval_steps=9), dict(steps=0),
+                dict(lr_g=0.0), dict(clip_value=-1.0), dict(batch_size=True)):
+        with pytest.raises(ValueError):
+            DistillConfig(**bad)
+    with pytest.raises(ValueError):
+        DistillConfig.from_dict({"stepz": 3})
+
+
 # ============================================================================ the steps
 def _perturbed(phi, rng, scale=0.05):
     """φ's parameters plus noise, with the frozen tensors kept φ's."""
@@ -646,7 +682,7 @@ def test_distill_end_to_end_outputs(e2e):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == {"stage1", "stage2"}
     for s in summary.values():
-        assert s["step"] in (2, 4) and s["bleu"] >= 0.0
+        assert s["step"] in (0, 2, 4) and s["bleu"] >= 0.0  # step 0: G as initialised
     for stage in (1, 2):
         recs = [json.loads(line) for line in (run / f"stage{stage}/log.jsonl").read_text().splitlines()]
         val = [r for r in recs if "val_bleu" in r]
