@@ -2,6 +2,8 @@
 #include "diffusion.h"
 #include "mathfun.h"
 
+#include <float.h>
+
 static double abar_sqrt(double s) { return 1.0 - sqrt(s + 1e-4); }
 
 void sqrt_schedule(double *betas, double *alphas_cumprod, size_t T) {
@@ -87,7 +89,10 @@ void cross_entropy(float *nll, float *logits, const int64_t *target, const float
         nll[m] = logf(s) - (target_logit - mx); /* no exp underflow for far-off targets */
         float k = scale[m] / s;
 #pragma omp simd
-        for (size_t v = 0; v < V; v++) z[v] *= k;
+        for (size_t v = 0; v < V; v++) { /* no subnormals: they make the next GEMM crawl */
+            float g = z[v] * k;
+            z[v] = fabsf(g) < FLT_MIN ? 0.0f : g;
+        }
         z[y] -= scale[m];
     }
 }

@@ -19,6 +19,14 @@ from . import _core  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .model import DiffusionTransformer, ModelConfig  # noqa: E402
 from .optim import EMA, AdamW  # noqa: E402
+from .api import load  # noqa: E402
+
+
+def from_diffuseq(checkpoint, training_args, vocab, num_heads=None):
+    """Load a DiffuSeq teacher (torch state dict + training_args.json + vocab.txt);
+    see :func:`dlmone.diffuseq_import.from_diffuseq`."""
+    from .diffuseq_import import from_diffuseq as _impl
+    return _impl(checkpoint, training_args, vocab, num_heads)
 
 
 def build_info() -> dict:
@@ -39,5 +47,5 @@ if not _core.build_info()["openmp"]:
     _warnings.warn("dlmone was built without OpenMP: every kernel runs single-threaded",
                    RuntimeWarning, stacklevel=2)
 
-__all__ = ["DiffusionTransformer", "ModelConfig", "AdamW", "EMA", "build_info",
+__all__ = ["DiffusionTransformer", "ModelConfig", "AdamW", "EMA", "load", "from_diffuseq", "build_info",
            "set_num_threads", "get_num_threads", "__version__"]
