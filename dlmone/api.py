@@ -10,7 +10,8 @@ from .checkpoint import read_json, resolve_dir
 def load(path: Union[str, Path]):
     """Return a :class:`Teacher` or :class:`Student` from a folder written by ``save``."""
     folder = resolve_dir(path)
-    kind = read_json(folder / "config.json").get("kind")
+    meta = read_json(folder / "config.json")
+    kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "teacher":
         from .teacher import Teacher
         return Teacher.load(folder)

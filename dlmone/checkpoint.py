@@ -76,7 +76,10 @@ def atomic_write_dir(target: PathLike, fill: Callable[[Path], None]) -> Path:
                     os.fsync(f.fileno())
         _fsync_dir(tmp)
         if old.exists():
-            shutil.rmtree(old)
+            if target.exists():
+                shutil.rmtree(old)  # a finished swap's leftover
+            else:
+                os.rename(old, target)  # a crash between the renames: restore first
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)

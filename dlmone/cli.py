@@ -24,10 +24,10 @@ def load_data(spec: str, splits: Sequence[str], limit: Optional[int] = None):
     return Seq2SeqData.from_dir(spec, splits=splits, limit=limit)
 
 
-def _config(args: argparse.Namespace, cls, base: Dict[str, Any]):
-    data = dict(base)
-    if getattr(args, "config", None):
-        data.update(read_config_file(args.config))
+def _config(args: argparse.Namespace, cls, flags: Dict[str, Any]):
+    """The config file, then the explicit flags (--steps, --preset), then --set."""
+    data: Dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
+    data.update(flags)
     data = apply_overrides(data, args.set or [], prefix=getattr(args, "set_prefix", ""))
     return cls.from_dict(data)
 

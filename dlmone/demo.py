@@ -70,7 +70,7 @@ def run_demo(out_dir: PathLike = "runs/demo", quick: bool = False, seed: int = 0
              progress: bool = True, print_fn: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the demo; returns the metrics dict also written to ``out_dir/metrics.json``."""
     from .builtin_task import make_builtin_task
-    from .distill import DistillConfig, StageConfig, distill
+    from .distill import DistillConfig, distill
     from .plots import bleu_vs_nfe, training_curves
     from .teacher import TeacherConfig, train_teacher
 

@@ -54,7 +54,7 @@ def from_diffuseq(checkpoint: PathLike, training_args: PathLike, vocab: PathLike
         if key == "position_ids":  # a buffer of arange indices, not a parameter
             continue
         state[key] = value.detach().to(torch.float32).cpu().numpy()
-    for key in ("word_embedding.weight", "position_embeddings.weight",
+    for key in ("word_embedding.weight", "position_embeddings.weight", "time_embed.0.weight",
                 "input_transformers.layer.0.intermediate.dense.weight"):
         if key not in state:
             raise ValueError(f"{checkpoint} lacks {key}: not a DiffuSeq TransformerNetModel")

@@ -22,12 +22,12 @@ import numpy as np
 from . import _core
 from . import checkpoint as ckpt
 from .data import Seq2SeqData, decode_targets, encode_pairs
-from .diffusion import Diffusion, derive_seed, gaussian
-from .metrics import bleu, empty_rate, mbr_select, mean_length, repeated_token_rate, self_bleu
+from .diffusion import derive_seed, gaussian
+from .metrics import bleu, empty_rate, mean_length, repeated_token_rate, self_bleu
 from .model import DiffusionTransformer
 from .optim import AdamW
-from .sample import batched, candidate_seeds, student_sample
-from .teacher import JsonlLog, SequenceModel, Teacher
+from .sample import student_sample
+from .teacher import JsonlLog, SequenceModel, Teacher, latest_checkpoint
 
 PathLike = Union[str, Path]
 FROZEN = ("word_embedding.weight", "lm_head.bias")
@@ -121,34 +121,14 @@ class Student(SequenceModel):
                  return_candidates: bool = False) -> Any:
         """One forward pass per batch (or ``steps`` ≤ 8 passes). Same outputs as
         :meth:`Teacher.generate`: strings, optionally ids and the S candidates."""
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-        ids, mask = self.encode_sources(sources)
-        x_src = self.model.embed(ids)
-        cands: List[List[str]] = [[] for _ in sources]
-        cand_ids = []
-        for cseed in candidate_seeds(seed, num_candidates):
-            tok_all = np.zeros_like(ids, dtype=np.int64)
-            for bi, sl in enumerate(batched(len(sources), batch_size)):
-                x = student_sample(self.model, self.diffusion, x_src[sl], mask[sl], self.t_init, steps,
-                                   derive_seed(cseed, bi))
-                texts, tok = self.decode(x, ids[sl], mask[sl])
-                tok_all[sl] = tok
-                for j, text in zip(range(sl.start, sl.stop), texts):
-                    cands[j].append(text)
-            cand_ids.append(tok_all)
-        if num_candidates == 1:
-            texts, chosen = [c[0] for c in cands], cand_ids[0]
-        else:
-            texts = mbr_select(cands)
-            pick = [c.index(t) for c, t in zip(cands, texts)]
-            chosen = np.stack([cand_ids[p][i] for i, p in enumerate(pick)]) if pick else ids
-        out: List[Any] = [texts]
-        if return_ids:
-            out.append(chosen)
-        if return_candidates:
-            out.append(cands)
-        return out[0] if len(out) == 1 else tuple(out)
+        if not 1 <= steps <= 8:
+            raise ValueError(f"student steps must be in [1, 8], got {steps}")
+
+        def sample(x_src: np.ndarray, mask: np.ndarray, batch_seed: int) -> np.ndarray:
+            return student_sample(self.model, self.diffusion, x_src, mask, self.t_init, steps, batch_seed)
+
+        return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
+                              return_candidates)
 
     @classmethod
     def load(cls, path: PathLike) -> "Student":
@@ -323,7 +303,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     rng = np.random.default_rng(derive_seed(config.seed, stage))
     info = {"t_init": config.t_init, "stage": stage, "distill_config": config.to_dict()}
     step, best = 0, {"bleu": -1.0, "step": 0}
-    start = _latest(out)
+    start = latest_checkpoint(out)
     if start is not None:
         step, best = _restore(dist, rng, start, config)
         say(f"stage {stage}: resuming from {start} at step {step}")
@@ -353,12 +333,13 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"stage {stage}",
                unit="step", dynamic_ncols=True)
+    emit = bar.write if progress else say  # above the bar when there is one
     acc: Dict[str, List[float]] = {}
     try:
         if step == 0:  # the generator as initialised: the teacher in one step, or stage 1's best
             m = validate(student_now(), sources, references, config.eval_steps, config.seed)
             log.write(step=0, stage=stage, **{f"val_{k}": v for k, v in m.items()})
-            bar.write(f"stage {stage} step 0: BLEU {m['bleu']:.4f} (generator as initialised, "
+            emit(f"stage {stage} step 0: BLEU {m['bleu']:.4f} (generator as initialised, "
                       f"{config.eval_steps} step)")
             best = {"bleu": m["bleu"], "step": 0}
             student_now().save(out / "best")
@@ -381,10 +362,10 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 log.write(step=step, stage=stage, steps_per_s=config.log_every / dt, **means)
             if step % config.eval_every == 0 or step == config.steps:
                 m = validate(student_now(), sources, references, config.eval_steps, config.seed)
-                notes = _warn_monitors(m, config, bar.write)
+                notes = _warn_monitors(m, config, emit)
                 log.write(step=step, stage=stage, warnings=notes, **{f"val_{k}": v for k, v in m.items()})
                 improved = m["bleu"] > best["bleu"]
-                bar.write(f"stage {stage} step {step}: BLEU {m['bleu']:.4f} empty {m['empty']:.3f} "
+                emit(f"stage {stage} step {step}: BLEU {m['bleu']:.4f} empty {m['empty']:.3f} "
                           f"repeat {m['repeat']:.3f} len {m['len']:.1f} self-BLEU {m['self_bleu']:.3f}"
                           + (" (best)" if improved else ""))
                 if improved:
@@ -400,12 +381,6 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     return Student.load(out / "best"), best
 
 
-def _latest(out: Path) -> Optional[Path]:
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    p = out / "checkpoints" / pointer.read_text().strip()
-    return p if p.is_dir() else None
 
 
 def _restore(dist: Distiller, rng: np.random.Generator, path: Path, config: DistillConfig):

@@ -9,7 +9,7 @@ not checked here; the training loops detect non-finite losses and gradients).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np

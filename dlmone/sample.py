@@ -91,13 +91,6 @@ def student_sample(generator: DiffusionTransformer, diffusion: Diffusion, x_src:
     return D
 
 
-def generator_input(diffusion: Diffusion, x_src: np.ndarray, mask: np.ndarray, t_init: int,
-                    z: np.ndarray) -> np.ndarray:
-    """x_init = where(mask == 0, Emb(c), sqrt(1 - abar_{t_init}) z) (SPEC §6.1)."""
-    s = np.float32(diffusion.sqrt_one_minus_alphas_cumprod[t_init])
-    return np.where(mask[:, :, None] > 0, s * z, x_src).astype(np.float32)
-
-
 def batched(n: int, batch_size: int) -> List[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .data import Seq2SeqData, decode_targets, encode_pairs
-from .diffusion import Diffusion, LossTerms, decode_tokens, derive_seed, make_timestep_sampler, training_loss
+from .diffusion import Diffusion, decode_tokens, derive_seed, make_timestep_sampler, training_loss
 from .metrics import mbr_select
 from .model import DiffusionTransformer, ModelConfig
 from .optim import EMA, AdamW
@@ -120,6 +120,44 @@ class SequenceModel:
         tok = np.where(mask > 0, tok, ids)
         return decode_targets(tok, mask, self.tokenizer), tok
 
+    def _generate(self, sources: Sequence[str], sample: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+                  num_candidates: int, seed: int, batch_size: int, return_ids: bool,
+                  return_candidates: bool) -> Any:
+        """Batched generation of S candidates per source (``sample(x_src, mask, seed)`` -> x0),
+        decoding, and the MBR choice when S > 1."""
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ids, mask = self.encode_sources(sources)
+        if not len(sources):
+            out0: List[Any] = [[]] + ([ids.astype(np.int64)] if return_ids else []) + ([[]] if return_candidates else [])
+            return out0[0] if len(out0) == 1 else tuple(out0)
+        x_src = self.model.embed(ids)
+        cands: List[List[str]] = [[] for _ in sources]
+        cand_ids: List[np.ndarray] = []
+        for cseed in candidate_seeds(seed, num_candidates):
+            tok_all = np.zeros_like(ids, dtype=np.int64)
+            for bi, sl in enumerate(batched(len(sources), batch_size)):
+                x = sample(x_src[sl], mask[sl], derive_seed(cseed, bi))
+                texts, tok = self.decode(x, ids[sl], mask[sl])
+                tok_all[sl] = tok
+                for j, text in zip(range(sl.start, sl.stop), texts):
+                    cands[j].append(text)
+            cand_ids.append(tok_all)
+        if num_candidates == 1:
+            texts, chosen_ids = [c[0] for c in cands], cand_ids[0]
+        else:
+            texts = mbr_select(cands)
+            pick = [c.index(t) for c, t in zip(cands, texts)]
+            chosen_ids = np.stack([cand_ids[p][i] for i, p in enumerate(pick)])
+        out: List[Any] = [texts]
+        if return_ids:
+            out.append(chosen_ids)
+        if return_candidates:
+            out.append(cands)
+        return out[0] if len(out) == 1 else tuple(out)
+
     def save(self, path: PathLike) -> Path:
         """Write the model folder atomically (config.json, model.safetensors, vocab.txt)."""
         meta = {"kind": self.kind, "model": self.config.to_dict(), **self.info}
@@ -136,7 +174,7 @@ class SequenceModel:
     def read_folder(path: PathLike) -> Tuple[Dict[str, Any], DiffusionTransformer, Tokenizer]:
         path = ckpt.resolve_dir(path)
         meta = ckpt.read_json(path / "config.json")
-        if not isinstance(meta, dict) or "model" not in meta or "kind" not in meta:
+        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "kind" not in meta:
             raise ValueError(f"{path}/config.json is not a dlmone model config")
         config = ModelConfig.from_dict(meta["model"])
         model = DiffusionTransformer(config)
@@ -173,34 +211,12 @@ class Teacher(SequenceModel):
         MBR choice is returned. Returns strings; with ``return_ids`` also the token ids
         [N, L]; with ``return_candidates`` also the S candidate strings per source.
         """
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-        ids, mask = self.encode_sources(sources)
-        x_src = self.model.embed(ids)
-        cands: List[List[str]] = [[] for _ in sources]
-        cand_ids: List[np.ndarray] = []
-        for s, cseed in enumerate(candidate_seeds(seed, num_candidates)):
-            tok_all = np.zeros_like(ids, dtype=np.int64)
-            for bi, sl in enumerate(batched(len(sources), batch_size)):
-                x = teacher_sample(self.model, self.diffusion, x_src[sl], mask[sl], steps, method,
-                                   clamp, derive_seed(cseed, bi), progress)
-                texts, tok = self.decode(x, ids[sl], mask[sl])
-                tok_all[sl] = tok
-                for j, text in zip(range(sl.start, sl.stop), texts):
-                    cands[j].append(text)
-            cand_ids.append(tok_all)
-        if num_candidates == 1:
-            texts, chosen_ids = [c[0] for c in cands], cand_ids[0]
-        else:
-            texts = mbr_select(cands)
-            pick = [c.index(t) for c, t in zip(cands, texts)]
-            chosen_ids = np.stack([cand_ids[p][i] for i, p in enumerate(pick)]) if len(pick) else ids
-        out: List[Any] = [texts]
-        if return_ids:
-            out.append(chosen_ids)
-        if return_candidates:
-            out.append(cands)
-        return out[0] if len(out) == 1 else tuple(out)
+        def sample(x_src: np.ndarray, mask: np.ndarray, batch_seed: int) -> np.ndarray:
+            return teacher_sample(self.model, self.diffusion, x_src, mask, steps, method, clamp,
+                                  batch_seed, progress)
+
+        return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
+                              return_candidates)
 
     @classmethod
     def load(cls, path: PathLike) -> "Teacher":
@@ -237,11 +253,20 @@ def build_tokenizer(config: TeacherConfig, data: Seq2SeqData) -> Tokenizer:
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    pointer = out_dir / "checkpoints" / "latest"
+    """The checkpoint ``checkpoints/latest`` names; if that folder is gone, the newest
+    ``step-*`` folder left; None for a fresh run."""
+    folder = out_dir / "checkpoints"
+    pointer = folder / "latest"
     if not pointer.is_file():
         return None
-    path = out_dir / "checkpoints" / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    path = folder / pointer.read_text().strip()
+    if path.is_dir():
+        return path
+    left = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".old"))
+    if not left:
+        raise ValueError(f"{pointer} names {path.name}, which is missing, and no other checkpoint "
+                         f"is left; use another out_dir or resume=False")
+    return left[-1]
 
 
 def validation_loss(model: DiffusionTransformer, diffusion: Diffusion, ids: np.ndarray,
@@ -345,6 +370,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="teacher", unit="step",
                dynamic_ncols=True)
+    emit = bar.write if progress else print_fn  # above the bar when there is one
     tokens_per_step = config.batch_size * config.grad_accum * mcfg.seq_len
     t_last, last_step = time.perf_counter(), step
     try:
@@ -374,10 +400,10 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
             if step % config.eval_every == 0 or step == config.steps:
                 ev = evaluate()
                 log.write(step=step, **{f"val_{k}": v for k, v in ev["val"].items()}, samples=ev["samples"])
-                bar.write(f"step {step}: val loss {ev['val']['loss']:.4f} (mse {ev['val']['mse']:.4f}, "
+                emit(f"step {step}: val loss {ev['val']['loss']:.4f} (mse {ev['val']['mse']:.4f}, "
                           f"nll {ev['val']['nll']:.4f})")
                 for s in ev["samples"][:2]:
-                    bar.write(f"  {s['source']!r} -> {s['recover']!r}")
+                    emit(f"  {s['source']!r} -> {s['recover']!r}")
             if step % config.save_every == 0 or step == config.steps:
                 save_checkpoint()
     finally:

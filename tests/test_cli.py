@@ -1,0 +1,297 @@
+"""The ``dlmone`` command line, called in-process through ``dlmone.cli.main``:
+info, train-teacher (JSON/TOML configs, --set overrides, resume/restart), generate
+(DDIM, candidates), evaluate (metrics file, --mbr, malformed input) and the error
+exits; plus ``python -m dlmone --help`` in a subprocess. ``demo`` is too slow for a
+unit test and is not run here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import dlmone
+from dlmone.builtin_task import write_builtin_task
+from dlmone.cli import main
+
+MODEL = {"emb_dim": 8, "hidden_dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32, "time_dim": 8}
+TINY_RUN = dict(preset="tiny", model=MODEL, seq_len=24, vocab_size=120, steps=6, batch_size=8,
+                eval_every=3, save_every=3, eval_size=8, eval_samples=2, eval_sample_steps=2,
+                log_every=2, diffusion_steps=50)
+
+TOML = """
+preset = "tiny"
+seq_len = 24
+vocab_size = 120
+steps = 5
+batch_size = 8
+eval_every = 5
+save_every = 5
+eval_size = 8
+eval_samples = 1
+eval_sample_steps = 2
+log_every = 5
+diffusion_steps = 40
+lr = 0.002
+
+[model]
+emb_dim = 8
+hidden_dim = 16
+num_layers = 1
+num_heads = 2
+ffn_dim = 32
+time_dim = 8
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = dlmone.get_num_threads()
+    dlmone.set_num_threads(1)
+    try:
+        yield
+    finally:
+        dlmone.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny data folder, a JSON config, and a teacher trained through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_builtin_task(root / "data", n_train=200, n_valid=20, n_test=20)
+    cfg = root / "cfg.json"
+    cfg.write_text(json.dumps(TINY_RUN))
+    out = root / "run"
+    assert main(["--quiet", "train-teacher", "--data", str(data), "--config", str(cfg), "--out", str(out)]) == 0
+    return {"root": root, "data": str(data), "cfg": str(cfg), "teacher": str(out / "teacher")}
+
+
+@pytest.fixture(scope="module")
+def gen_files(env):
+    """Two generation files: without and with candidates."""
+    root = env["root"]
+    plain, cands = root / "gen.jsonl", root / "gen_c.jsonl"
+    base = ["generate", "--model", env["teacher"], "--data", env["data"], "--split", "test", "--method", "ddim",
+            "--steps", "3", "--limit", "10"]
+    assert main(["--quiet"] + base + ["--out", str(plain)]) == 0
+    assert main(["--quiet"] + base + ["--candidates", "2", "--out", str(cands)]) == 0
+    return plain, cands
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _teacher_config(run_dir):
+    return json.loads((run_dir / "teacher" / "config.json").read_text())["teacher_config"]
+
+
+# ------------------------------------------------------------------ info / help
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"dlmone {dlmone.__version__} on Python")
+    for key in dlmone.build_info():
+        assert f"  {key}: " in out
+
+
+def test_module_help():
+    r = subprocess.run([sys.executable, "-m", "dlmone", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for cmd in ("train-teacher", "distill", "generate", "evaluate", "demo", "info"):
+        assert cmd in r.stdout
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "x", "--data", "y", "--out", "z", "--method", "euler"])
+    assert e.value.code == 2
+
+
+# ------------------------------------------------------------------ train-teacher
+def test_train_teacher_json_config_and_overrides(env, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--threads", "1", "train-teacher", "--data", env["data"], "--config", env["cfg"],
+               "--set", "steps=4", "--set", "model.ffn_dim=24", "--set", "lr=0.002",
+               "--set", "timestep_sampler=uniform", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"teacher written to {out / 'teacher'}" in printed
+    tc = _teacher_config(out)
+    assert tc["steps"] == 4 and tc["model"]["ffn_dim"] == 24 and tc["lr"] == 0.002
+    assert tc["timestep_sampler"] == "uniform"
+    assert tc["model"]["emb_dim"] == 8 and tc["seq_len"] == 24  # the rest from the file
+    log = _rows(out / "log.jsonl")
+    assert max(r["step"] for r in log) == 4
+    loaded = dlmone.load(out / "teacher")
+    assert loaded.config.ffn_dim == 24
+
+    # same command again: resumes (nothing left to do); a changed config is refused
+    rc = main(["train-teacher", "--data", env["data"], "--config", env["cfg"], "--set", "steps=4",
+               "--set", "model.ffn_dim=24", "--set", "lr=0.002", "--set", "timestep_sampler=uniform",
+               "--out", str(out)])
+    assert rc == 0 and "resuming from" in capsys.readouterr().out
+    rc = main(["--quiet", "train-teacher", "--data", env["data"], "--config", env["cfg"], "--out", str(out)])
+    assert rc == 2 and "different config" in capsys.readouterr().err
+    # --restart ignores the checkpoints
+    rc = main(["--quiet", "train-teacher", "--data", env["data"], "--config", env["cfg"], "--restart",
+               "--out", str(out)])
+    assert rc == 0 and _teacher_config(out)["steps"] == TINY_RUN["steps"]
+
+
+def test_train_teacher_toml_config(env, tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(TOML)
+    out = tmp_path / "run"
+    assert main(["--quiet", "train-teacher", "--data", env["data"], "--config", str(cfg),
+                 "--set", "model.dropout=0.1", "--out", str(out)]) == 0
+    tc = _teacher_config(out)
+    assert tc["steps"] == 5 and tc["diffusion_steps"] == 40 and tc["lr"] == 0.002
+    assert tc["model"] == dict(MODEL, dropout=0.1)
+    assert dlmone.load(out / "teacher").config.diffusion_steps == 40
+
+
+def test_train_teacher_flags_without_config(env, tmp_path):
+    out = tmp_path / "run"
+    sets = [x for k, v in TINY_RUN.items() if k not in ("steps", "preset", "model")
+            for x in ("--set", f"{k}={json.dumps(v)}")]
+    sets += [x for k, v in MODEL.items() for x in ("--set", f"model.{k}={v}")]
+    assert main(["--quiet", "train-teacher", "--data", env["data"], "--preset", "small", "--steps", "2"]
+                + sets + ["--out", str(out)]) == 0
+    tc = _teacher_config(out)
+    assert tc["steps"] == 2 and tc["preset"] == "small"
+    # the small preset's dropout (0.1) survives, the sizes come from --set
+    assert dlmone.load(out / "teacher").config.dropout == 0.1
+
+
+def test_steps_flag_overrides_config_file(env, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--quiet", "train-teacher", "--data", env["data"], "--config", env["cfg"], "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert _teacher_config(out)["steps"] == 2
+
+
+def test_quiet_train_teacher_prints_nothing(env, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["--quiet", "train-teacher", "--data", env["data"], "--config", env["cfg"],
+                 "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_train_teacher_errors(env, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["--quiet", "train-teacher", "--data", env["data"], "--out", out]
+    assert main(base + ["--config", env["cfg"], "--set", "steps"]) == 2
+    assert "--set expects key=value" in capsys.readouterr().err
+    assert main(base + ["--config", env["cfg"], "--set", "lerning_rate=1"]) == 2
+    assert "unknown TeacherConfig keys" in capsys.readouterr().err
+    assert main(base + ["--config", env["cfg"], "--set", "steps=0"]) == 2
+    assert "steps must be a positive int" in capsys.readouterr().err
+    assert main(base + ["--config", str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{steps: 3")
+    assert main(base + ["--config", str(bad)]) == 2
+    assert "invalid JSON" in capsys.readouterr().err
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("steps = = 3")
+    assert main(base + ["--config", str(bad_toml)]) == 2
+    assert "invalid TOML" in capsys.readouterr().err
+    arr = tmp_path / "arr.json"
+    arr.write_text("[1, 2]")
+    assert main(base + ["--config", str(arr)]) == 2
+    assert "table/object" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a folder"):
+        main(["--quiet", "train-teacher", "--data", str(tmp_path / "nope"), "--out", out])
+
+
+# ------------------------------------------------------------------ generate
+def test_generate_writes_rows(env, gen_files, tmp_path, capsys):
+    plain, cands = gen_files
+    rows = _rows(plain)
+    assert len(rows) == 10
+    for r in rows:
+        assert set(r) == {"source", "reference", "recover"}
+        assert all(isinstance(r[k], str) for k in r)
+    test_sources = [json.loads(line)["src"] for line in open(env["data"] + "/test.jsonl")][:10]
+    assert [r["source"] for r in rows] == test_sources
+    crow = _rows(cands)
+    assert len(crow) == 10
+    for r in crow:
+        assert set(r) == {"source", "reference", "recover", "candidates"}
+        assert len(r["candidates"]) == 2 and r["recover"] in r["candidates"]
+    # the same command again gives the same file (seeded); stdout reports speed and scores
+    again = tmp_path / "again.jsonl"
+    assert main(["generate", "--model", env["teacher"], "--data", env["data"], "--method", "ddim",
+                 "--steps", "3", "--limit", "10", "--out", str(again)]) == 0
+    assert again.read_text() == plain.read_text()
+    out = capsys.readouterr().out
+    assert "10 sequences in" in out and "bleu=" in out and "rouge_l=" in out
+
+
+def test_generate_builtin_data_and_ancestral(env, tmp_path):
+    out = tmp_path / "b.jsonl"
+    assert main(["--quiet", "generate", "--model", env["teacher"], "--data", "builtin", "--split", "valid",
+                 "--limit", "3", "--batch-size", "2", "--out", str(out)]) == 0  # ancestral, all T steps
+    assert len(_rows(out)) == 3
+
+
+def test_generate_errors(env, tmp_path, capsys):
+    out = str(tmp_path / "g.jsonl")
+    base = ["--quiet", "generate", "--data", env["data"], "--out", out]
+    assert main(base + ["--model", env["teacher"], "--method", "ancestral", "--steps", "3", "--limit", "2"]) == 2
+    assert "ancestral" in capsys.readouterr().err
+    assert main(base + ["--model", str(tmp_path / "nope")]) == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
+    assert main(["--quiet", "generate", "--model", env["teacher"], "--data", str(tmp_path), "--out", out]) == 2
+    assert "test.jsonl" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ evaluate
+def test_evaluate_writes_metrics(gen_files, capsys):
+    plain, _ = gen_files
+    assert main(["evaluate", str(plain)]) == 0
+    metrics_path = plain.with_suffix(".metrics.json")
+    assert metrics_path.name == "gen.metrics.json"
+    m = json.loads(metrics_path.read_text())
+    assert set(m) == {"bleu", "rouge_l", "dist1", "len", "n"} and m["n"] == 10
+    assert 0.0 <= m["bleu"] <= 1.0 and 0.0 <= m["rouge_l"] <= 1.0
+    assert json.loads(capsys.readouterr().out) == m
+
+
+def test_evaluate_with_candidates_and_mbr(gen_files, tmp_path):
+    _, cands = gen_files
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(cands), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert {"self_bleu", "div4"} <= set(m)
+    assert main(["evaluate", "--mbr", str(cands), "--out", str(tmp_path / "mbr.json")]) == 0
+    assert {"bleu", "self_bleu", "div4"} <= set(json.loads((tmp_path / "mbr.json").read_text()))
+
+
+def test_evaluate_mbr_without_candidates_exits(gen_files):
+    plain, _ = gen_files
+    with pytest.raises(SystemExit, match="--mbr needs rows with 'candidates'"):
+        main(["evaluate", "--mbr", str(plain), "--out", str(plain.parent / "x.json")])
+
+
+@pytest.mark.parametrize("bad_line", ['{"recover": "a"', '{"recover": "a"}', '[1, 2]', "null"])
+def test_evaluate_malformed_line_names_it(tmp_path, bad_line):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"recover": "a b", "reference": "a b"}\n\n' + bad_line + "\n")
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:3: not a generation row"):
+        main(["evaluate", str(f)])
+    assert not (tmp_path / "bad.metrics.json").exists()
+
+
+def test_evaluate_empty_or_missing_file(tmp_path, capsys):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("\n")
+    assert main(["evaluate", str(f)]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.jsonl")]) == 2
