@@ -46,7 +46,8 @@ double denoise_loss(float *grad, const float *pred, const float *target, const f
     size_t positions = 0;
     for (size_t r = 0; r < B * L; r++) positions += mask[r] != 0.0f;
     float k = positions ? 2.0f / (float)positions : 0.0f;
-    double *row_sums = calloc(B * L ? B * L : 1, sizeof(double));
+    size_t rows = B * L;
+    double *row_sums = calloc(rows ? rows : 1, sizeof(double));
     if (!row_sums) return NAN;
 #pragma omp parallel for schedule(static) if (B * L * E > DL_PAR_MIN)
     for (size_t r = 0; r < B * L; r++) {

@@ -134,7 +134,8 @@ def test_lr_zero_no_update(rng):
     # first Adam step moves every entry with nonzero gradient by about lr (+ decay)
     delta = p0.astype(np.float64) - m.params
     expected = 1e-3 * (1.0 / (1.0 + 1e-8)) + 1e-3 * 0.01 * p0  # AdamW step at t=2 with g const: mhat/sqrt(vhat) = 1
-    np.testing.assert_allclose(delta, expected, rtol=1e-4, atol=1e-8)
+    # delta is a difference of float32 parameters ~1: a few of their ulps (6e-8) of slack
+    np.testing.assert_allclose(delta, expected, rtol=1e-4, atol=3e-7)
 
 
 def test_adamw_manual_formula(rng):
