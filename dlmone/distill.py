@@ -25,7 +25,7 @@ from .data import Seq2SeqData, decode_targets, encode_pairs
 from .diffusion import derive_seed, gaussian
 from .metrics import bleu, empty_rate, mean_length, repeated_token_rate, self_bleu
 from .model import DiffusionTransformer
-from .optim import AdamW
+from .optim import AdamW, NonFiniteGuard
 from .sample import student_sample
 from .teacher import JsonlLog, SequenceModel, Teacher, latest_checkpoint
 
@@ -62,6 +62,7 @@ class DistillConfig:
     eval_steps: int = 1             # student inference steps at validation
     log_every: int = 10
     save_every: int = 200
+    max_bad_steps: int = 10         # consecutive non-finite steps before training stops
     seed: int = 0
     # degeneration thresholds (warn when crossed at a validation)
     warn_empty: float = 0.2
@@ -168,6 +169,7 @@ class Distiller:
         self.head_b = np.zeros(1, np.float32)
         self.head_m = np.zeros(H + 1, np.float32)
         self.head_v = np.zeros(H + 1, np.float32)
+        self.guard = NonFiniteGuard(config.max_bad_steps)
 
     def head(self):
         return (self.head_w, float(self.head_b[0])) if self.config.disc_head == "linear" else None
@@ -216,7 +218,8 @@ class Distiller:
                        disc_acc_real=float((logit[B:] > 0).mean()))
         self.psi.zero_grad()
         self.psi.backward(grad_out, grad_hidden)
-        self.opt_psi.step()
+        if self.guard.ok(loss_dsm + out.get("psi_bce", 0.0), self.psi.grad_buffer, "ψ step"):
+            self.opt_psi.step()
         return out
 
     def _head_step(self, g_w: np.ndarray, g_b: float) -> None:
@@ -254,7 +257,8 @@ class Distiller:
         g_eg *= m3
         self.G.zero_grad()
         self.G.backward(g_eg)
-        self.opt_g.step()
+        if self.guard.ok(out["sid"] + out.get("g_bce", 0.0), self.G.grad_buffer, "G step"):
+            self.opt_g.step()
         return out
 
 
@@ -359,7 +363,8 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 dt = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 bar.set_postfix(sid=f"{means.get('sid', 0):.3g}", dsm=f"{means.get('psi_dsm', 0):.3g}")
-                log.write(step=step, stage=stage, steps_per_s=config.log_every / dt, **means)
+                log.write(step=step, stage=stage, steps_per_s=config.log_every / dt,
+                          skipped_steps=dist.guard.skipped, **means)
             if step % config.eval_every == 0 or step == config.steps:
                 m = validate(student_now(), sources, references, config.eval_steps, config.seed)
                 notes = _warn_monitors(m, config, emit)

@@ -118,3 +118,26 @@ class EMA:
         if model.params.shape != self.params.shape:
             raise ValueError("copy_to needs a model of the same config")
         np.copyto(model.params, self.params)
+
+
+class NonFiniteGuard:
+    """Skips an update whose loss or gradients are not finite (checked in C, one pass
+    over the gradient buffer) and stops training after ``limit`` such steps in a row."""
+
+    def __init__(self, limit: int = 10) -> None:
+        if limit < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {limit}")
+        self.limit, self.skipped, self.in_a_row = int(limit), 0, 0
+
+    def ok(self, loss: float, grads: np.ndarray, where: str) -> bool:
+        if np.isfinite(loss) and _core.count_nonfinite(grads) == 0:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"{where}: {self.in_a_row} consecutive steps with a non-finite loss or gradient; "
+                f"training stopped (the last checkpoint is intact; lower the learning rate or check "
+                f"the data)")
+        return False

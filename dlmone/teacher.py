@@ -21,7 +21,7 @@ from .data import Seq2SeqData, decode_targets, encode_pairs
 from .diffusion import Diffusion, decode_tokens, derive_seed, make_timestep_sampler, training_loss
 from .metrics import mbr_select
 from .model import DiffusionTransformer, ModelConfig
-from .optim import EMA, AdamW
+from .optim import EMA, AdamW, NonFiniteGuard
 from .sample import batched, candidate_seeds, teacher_sample
 from .tokenizer import Tokenizer
 
@@ -54,6 +54,7 @@ class TeacherConfig:
     save_every: int = 1000
     keep_checkpoints: int = 2
     train_limit: Optional[int] = None
+    max_bad_steps: int = 10       # consecutive non-finite steps before training stops
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -372,6 +373,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                dynamic_ncols=True)
     emit = bar.write if progress else print_fn  # above the bar when there is one
     tokens_per_step = config.batch_size * config.grad_accum * mcfg.seq_len
+    guard = NonFiniteGuard(config.max_bad_steps)
     t_last, last_step = time.perf_counter(), step
     try:
         while step < config.steps:
@@ -384,11 +386,13 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 terms = training_loss(model, diffusion, ids[idx], mask[idx], t,
                                       w / np.float32(config.grad_accum),
                                       seed=derive_seed(config.seed, step, micro))
-                sampler.update(t, terms.per_example)
+                if np.isfinite(terms.per_example).all():
+                    sampler.update(t, terms.per_example)
                 for k in loss_sum:
                     loss_sum[k] += getattr(terms, k) / config.grad_accum
-            opt.step()
-            ema.update()
+            if guard.ok(loss_sum["loss"], model.grad_buffer, f"teacher step {step + 1}"):
+                opt.step()
+                ema.update()
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
@@ -396,7 +400,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 tps = tokens_per_step * (step - last_step) / max(now - t_last, 1e-9)
                 t_last, last_step = now, step
                 bar.set_postfix(loss=f"{loss_sum['loss']:.4f}", tok_s=f"{tps:,.0f}")
-                log.write(step=step, lr=opt.lr, tokens_per_s=tps, **loss_sum)
+                log.write(step=step, lr=opt.lr, tokens_per_s=tps, skipped_steps=guard.skipped, **loss_sum)
             if step % config.eval_every == 0 or step == config.steps:
                 ev = evaluate()
                 log.write(step=step, **{f"val_{k}": v for k, v in ev["val"].items()}, samples=ev["samples"])

@@ -548,3 +548,36 @@ def test_from_diffuseq_missing_time_embed_is_value_error(tmp_path):
     pt, args, vocab, _ = _diffuseq_files(tmp_path, drop=("time_embed.0.weight",))
     with pytest.raises(ValueError):
         dlmone.from_diffuseq(pt, args, vocab, num_heads=A)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(data, tmp_path, monkeypatch):
+    """A NaN gradient skips that update (counted in the log); N in a row stop training
+    with a clear error and leave the last checkpoint loadable."""
+    import dlmone.teacher as teacher_module
+
+    real = teacher_module.training_loss
+    poisoned = {"steps": {2}}
+    calls = {"n": 0}
+
+    def poisoning_loss(model, *a, **kw):
+        terms = real(model, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] in poisoned["steps"]:
+            model.grad_buffer[5] = np.nan
+        return terms
+
+    monkeypatch.setattr(teacher_module, "training_loss", poisoning_loss)
+    train_teacher(_cfg(steps=6, max_bad_steps=3), data, tmp_path / "a", progress=False, print_fn=lambda s: None)
+    records = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert max(r.get("skipped_steps", 0) for r in records) == 1
+    assert np.isfinite(dlmone.load(tmp_path / "a" / "teacher").model.params).all()
+
+    calls["n"] = 0
+    poisoned["steps"] = set(range(4, 100))  # steps 1-3 fine (checkpoint at 3), then all NaN
+    with pytest.raises(FloatingPointError, match="3 consecutive"):
+        train_teacher(_cfg(steps=9, max_bad_steps=3), data, tmp_path / "b", progress=False,
+                      print_fn=lambda s: None)
+    last = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
+    assert last == "step-00000003"
+    state = ckpt.load_tensors(tmp_path / "b" / "checkpoints" / last / "state.safetensors")
+    assert np.isfinite(state["params"]).all()
