@@ -12,7 +12,6 @@ JSON, a markdown table and a PNG of BLEU against network evaluations per sequenc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
