@@ -82,3 +82,18 @@ def tiny_same_cfg():
 def any_cfg(request):
     """Both layouts: E != H (with projections) and E == H (without)."""
     return make_config() if request.param == "proj" else make_config(**TINY_SAME)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny kernels run single-threaded: on a shared 2-core machine OpenMP barriers
+    dominate them. The thread count is restored afterwards; independence of results
+    from the thread count is tested separately (test_model, test_diffusion)."""
+    import dlmone
+
+    before = dlmone.get_num_threads()
+    dlmone.set_num_threads(1)
+    try:
+        yield
+    finally:
+        dlmone.set_num_threads(before)

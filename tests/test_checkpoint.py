@@ -24,14 +24,7 @@ TINY_RUN = dict(preset="tiny", model=MODEL, seq_len=24, vocab_size=120, steps=6,
                 log_every=2, diffusion_steps=50)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = dlmone.get_num_threads()
-    dlmone.set_num_threads(1)
-    try:
-        yield
-    finally:
-        dlmone.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -46,14 +46,7 @@ time_dim = 8
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = dlmone.get_num_threads()
-    dlmone.set_num_threads(1)
-    try:
-        yield
-    finally:
-        dlmone.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,16 +33,7 @@ CFG = dict(vocab_size=40, seq_len=10, emb_dim=8, hidden_dim=16, num_layers=2, nu
 CFG_SAME = dict(CFG, emb_dim=16, hidden_dim=16, time_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny kernels: on a loaded 2-core machine OpenMP barriers dominate, so run with
-    one thread and restore the previous count afterwards."""
-    before = dlmone.get_num_threads()
-    dlmone.set_num_threads(1)
-    try:
-        yield
-    finally:
-        dlmone.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _torch():

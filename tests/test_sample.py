@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import dlmone
 from dlmone.diffusion import Diffusion, derive_seed, gaussian
 from dlmone.sample import (
     batched,
@@ -29,18 +28,7 @@ from conftest import make_config, make_model
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The samplers run many tiny forward passes; on a loaded 2-core machine each OpenMP
-    region of a 2-thread pass can wait a whole scheduler slice (a 0.2 ms forward took
-    0.2 s), so these logic tests run single-threaded. Thread-count independence of the
-    kernels is tested in test_model.py / test_diffusion.py."""
-    before = dlmone.get_num_threads()
-    dlmone.set_num_threads(1)
-    try:
-        yield
-    finally:
-        dlmone.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def np_sqrt_schedule(T):

@@ -36,15 +36,7 @@ TINY_RUN = dict(preset="tiny", model=MODEL, seq_len=24, vocab_size=120, steps=6,
 QUIET = dict(progress=False, print_fn=lambda s: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny kernels on a shared 2-core machine: one thread, restored afterwards."""
-    before = dlmone.get_num_threads()
-    dlmone.set_num_threads(1)
-    try:
-        yield
-    finally:
-        dlmone.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw):
