@@ -7,7 +7,7 @@ JSON, a markdown table and a PNG of BLEU against network evaluations per sequenc
 
   python benchmarks/task_results.py --task builtin --out benchmarks/results/builtin
   python benchmarks/task_results.py --task ../shared/data/qqp --teacher runs/qqp-small/teacher \
-      --split test --n-slow 100 --out benchmarks/results/qqp
+      --split test --variants two-stage --out benchmarks/results/qqp
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=4000)
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=200, help="sources for the fast samplers")
+    p.add_argument("--skip", type=int, default=0,
+                   help="skip the split's first N pairs (when --split valid: distillation validates on the first 200)")
     p.add_argument("--n-slow", type=int, default=200, help="sources for the T-step ancestral sampler")
     p.add_argument("--stage-steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=100)
@@ -61,7 +63,7 @@ def main() -> None:
         data = Seq2SeqData(train=load_split(args.task, "train", limit=args.train_limit),
                            valid=load_split(args.task, "valid", limit=200))
         setattr(data, args.split, load_split(args.task, args.split))
-    eval_pairs = getattr(data, args.split)[:args.n]
+    eval_pairs = getattr(data, args.split)[args.skip:args.skip + args.n]
     record = {"task": args.task, "split": args.split, "machine": machine_info(), "args": vars(args)}
     if args.teacher:
         teacher_dir = Path(args.teacher)
