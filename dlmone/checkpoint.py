@@ -144,3 +144,16 @@ def read_json(path: PathLike) -> Any:
         raise FileNotFoundError(f"missing {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def save_run_checkpoint(run_dir: PathLike, step: int, fill: Callable[[Path], None], keep: int = 1) -> Path:
+    """Write ``run_dir/checkpoints/step-N`` atomically, point ``checkpoints/latest`` at it
+    (an atomic rename too), then delete all but the ``keep`` newest checkpoints."""
+    folder = Path(run_dir) / "checkpoints"
+    name = f"step-{step:08d}"
+    path = atomic_write_dir(folder / name, fill)
+    atomic_write_bytes(folder / "latest", (name + "\n").encode())
+    older = sorted(p for p in folder.glob("step-*") if p.is_dir() and p.name != name)
+    for p in older[:max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -317,8 +316,6 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
         return Student(dist.G, tok, info)
 
     def save_state() -> None:
-        name = f"step-{step:08d}"
-
         def fill(tmp: Path) -> None:
             ckpt.save_tensors(tmp / "state.safetensors", {
                 "G": dist.G.params, "psi": dist.psi.params, "g_m": dist.opt_g.m, "g_v": dist.opt_g.v,
@@ -329,11 +326,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 "g_step": dist.opt_g.step_count, "psi_step": dist.opt_psi.step_count,
                 "rng": rng.bit_generator.state}, indent=2))
 
-        ckpt.atomic_write_dir(out / "checkpoints" / name, fill)
-        ckpt.atomic_write_bytes(out / "checkpoints" / "latest", (name + "\n").encode())
-        for p in sorted((out / "checkpoints").glob("step-*")):
-            if p.name != name and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+        ckpt.save_run_checkpoint(out, step, fill, keep=1)
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"stage {stage}",
                unit="step", dynamic_ncols=True)

@@ -341,8 +341,6 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     info = {"teacher_config": config.to_dict()}
 
     def save_checkpoint() -> None:
-        name = f"step-{step:08d}"
-
         def fill(tmp: Path) -> None:
             tensors = {"params": model.params, "ema": ema.params, "adam_m": opt.m, "adam_v": opt.v}
             tensors.update({f"sampler.{k}": v.astype(np.float32) if v.dtype == np.float64 else v
@@ -353,12 +351,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 "rng": rng.bit_generator.state}, indent=2))
             tokenizer.save(tmp)
 
-        ckpt.atomic_write_dir(out_dir / "checkpoints" / name, fill)
-        ckpt.atomic_write_bytes(out_dir / "checkpoints" / "latest", (name + "\n").encode())
-        olds = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if p.name != name and p.is_dir())
-        for p in olds[:max(0, len(olds) - (config.keep_checkpoints - 1))]:
-            import shutil
-            shutil.rmtree(p, ignore_errors=True)
+        ckpt.save_run_checkpoint(out_dir, step, fill, config.keep_checkpoints)
 
     def evaluate() -> Dict[str, Any]:
         np.copyto(eval_model.params, ema.params)
