@@ -5,8 +5,16 @@ needs the extension."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+# The project's shared data folder sits beside the checkout (../shared/data), in CI too;
+# DLMONE_SHARED_DATA overrides. Tests that need it skip when it is absent.
+SHARED_DATA = Path(os.environ.get("DLMONE_SHARED_DATA",
+                                  Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 
 # E != H (input_up_proj / output_down_proj present), 3 heads of 8
 TINY = dict(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,9 @@ from dlmone.data import encode_pairs, load_split
 from dlmone.metrics import bleu
 from dlmone.tokenizer import Tokenizer
 
-BERT_VOCAB = Path("/work/shared/data/vocab/bert-base-uncased-vocab.txt")
+from conftest import SHARED_DATA
+
+BERT_VOCAB = SHARED_DATA / "vocab" / "bert-base-uncased-vocab.txt"
 SIZES = dict(n_train=4000, n_valid=300, n_test=300)
 
 

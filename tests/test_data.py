@@ -23,9 +23,11 @@ from dlmone.data import (
 )
 from dlmone.tokenizer import Tokenizer
 
+from conftest import SHARED_DATA
+
 CLS, SEP, PAD = 101, 102, 0
-BERT_VOCAB = Path("/work/shared/data/vocab/bert-base-uncased-vocab.txt")
-QQP_DIR = Path("/work/shared/data/qqp")
+BERT_VOCAB = SHARED_DATA / "vocab" / "bert-base-uncased-vocab.txt"
+QQP_DIR = SHARED_DATA / "qqp"
 needs_bert_vocab = pytest.mark.skipif(not BERT_VOCAB.is_file(), reason="BERT vocab.txt absent")
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from dlmone.tokenizer import SPECIAL_TOKENS, Tokenizer, clean_up_tokenization
 
+from conftest import SHARED_DATA
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BERT_VOCAB = Path("/work/shared/data/vocab/bert-base-uncased-vocab.txt")
+BERT_VOCAB = SHARED_DATA / "vocab" / "bert-base-uncased-vocab.txt"
 needs_bert_vocab = pytest.mark.skipif(not BERT_VOCAB.is_file(), reason="BERT vocab.txt absent")
 
 TRAINING_TEXTS = [
