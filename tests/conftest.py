@@ -105,3 +105,18 @@ def one_thread():
         yield
     finally:
         dlmone.set_num_threads(before)
+
+
+def assert_close(actual, expected, name, rtol=1e-4, atol=1e-5):
+    """Elementwise |actual - expected| <= atol + rtol |expected| (in float64), with a
+    message naming the worst entry."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    diff = np.abs(actual - expected)
+    ok = diff <= atol + rtol * np.abs(expected)
+    if not ok.all():
+        i = np.unravel_index(np.argmax(diff - rtol * np.abs(expected)), diff.shape)
+        raise AssertionError(
+            f"{name}: {np.count_nonzero(~ok)}/{ok.size} entries off; max abs diff {diff.max():.3e} "
+            f"(at {i}: got {actual[i]:.8g}, want {expected[i]:.8g}); rtol={rtol} atol={atol}")

@@ -33,24 +33,11 @@ from dlmone.diffusion import (
     training_loss,
 )
 
-from conftest import make_config, make_model
+from conftest import assert_close, make_config, make_model
 
 
 def _torch():
     return pytest.importorskip("torch")
-
-
-def assert_close(actual, expected, name, rtol=1e-4, atol=1e-5):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual - expected)
-    ok = diff <= atol + rtol * np.abs(expected)
-    if not ok.all():
-        i = np.unravel_index(np.argmax(diff - rtol * np.abs(expected)), diff.shape)
-        raise AssertionError(
-            f"{name}: {np.count_nonzero(~ok)}/{ok.size} entries off; max abs diff {diff.max():.3e} "
-            f"(at {i}: got {actual[i]:.8g}, want {expected[i]:.8g}); rtol={rtol} atol={atol}")
 
 
 def assert_grad_close(actual, expected, name):

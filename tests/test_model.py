@@ -19,9 +19,7 @@ import pytest
 
 import dlmone
 
-from conftest import TINY, TINY_SAME, make_config, make_model, random_state
-
-RTOL, ATOL = 1e-4, 1e-5
+from conftest import assert_close, TINY, TINY_SAME, make_config, make_model, random_state
 
 
 def _torch():
@@ -53,21 +51,6 @@ def _inputs(cfg, rng, B, L):
 
 def _max_positions(cfg):
     return cfg.max_positions or cfg.seq_len
-
-
-def assert_close(actual, expected, name, rtol=RTOL, atol=ATOL):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual - expected)
-    ok = diff <= atol + rtol * np.abs(expected)
-    if not ok.all():
-        i = np.unravel_index(np.argmax(diff - rtol * np.abs(expected)), diff.shape)
-        raise AssertionError(
-            f"{name}: {np.count_nonzero(~ok)}/{ok.size} entries off; max abs diff "
-            f"{diff.max():.3e} (at {i}: got {actual[i]:.7g}, want {expected[i]:.7g}); "
-            f"rtol={rtol} atol={atol}"
-        )
 
 
 # ----------------------------------------------------------------------------
