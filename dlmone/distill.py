@@ -310,7 +310,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     if start is not None:
         step, best = _restore(dist, rng, start, config)
         say(f"stage {stage}: resuming from {start} at step {step}")
-    log = JsonlLog(out / "log.jsonl")
+    log = JsonlLog(out / "log.jsonl", keep_through=step if start is not None else -1)
 
     def student_now() -> Student:
         return Student(dist.G, tok, info)

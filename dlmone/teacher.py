@@ -230,11 +230,16 @@ class Teacher(SequenceModel):
 
 # ------------------------------------------------------------------ training
 class JsonlLog:
-    """Append one JSON object per line, flushed every write."""
+    """Append one JSON object per line, flushed every write. Records of steps after
+    ``keep_through`` (those a resumed run will write again) are dropped first."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_through: int = -1) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_through]
+            ckpt.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
         self._f = open(path, "a", buffering=1)
 
     def write(self, **record: Any) -> None:
@@ -336,7 +341,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
         rng.bit_generator.state = run["rng"]
         step = int(run["step"])
         print_fn(f"resuming from {start} at step {step}")
-    log = JsonlLog(out_dir / "log.jsonl")
+    log = JsonlLog(out_dir / "log.jsonl", keep_through=step if start is not None else -1)
     eval_model = DiffusionTransformer(mcfg)
     info = {"teacher_config": config.to_dict()}
 

@@ -262,7 +262,6 @@ def test_resume_equals_uninterrupted(data, tmp_path, straight, monkeypatch, how)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000009"
     state9 = ckpt.load_tensors(out / "checkpoints" / "step-00000009" / "state.safetensors")
     assert (state9["sampler.counts"] == 10).all(), "the lossaware history should be full at step 9"
-    n_before = len(_read_log(out / "log.jsonl"))
 
     messages = []
     t = train_teacher(cfg, data, out, progress=False, print_fn=messages.append)
@@ -272,15 +271,12 @@ def test_resume_equals_uninterrupted(data, tmp_path, straight, monkeypatch, how)
     assert json.loads((out / "checkpoints/step-00000012/run.json").read_text()) == \
         json.loads((straight / "checkpoints/step-00000012/run.json").read_text())
     assert np.array_equal(t.model.params, Teacher.load(straight / "teacher").model.params)
-    # the log continues (appended): the resumed records equal the uninterrupted ones
-    log_b = _read_log(out / "log.jsonl")
-    resumed = log_b[n_before:]
-    assert [r["step"] for r in resumed] == [10, 12, 12]
-    ref = [r for r in _read_log(straight / "log.jsonl") if r["step"] > 9]
-    for a, b in zip(resumed, ref):
-        a.pop("tokens_per_s", None)
-        b.pop("tokens_per_s", None)
-        assert a == b
+    # records after the checkpoint were dropped and written again: the log is the
+    # uninterrupted run's (timings aside)
+    log_b, ref = _read_log(out / "log.jsonl"), _read_log(straight / "log.jsonl")
+    for r in log_b + ref:
+        r.pop("tokens_per_s", None)
+    assert [r["step"] for r in log_b] == [r["step"] for r in ref] and log_b == ref
 
 
 def test_resume_finished_run_is_a_no_op(trained, data):
