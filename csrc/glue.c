@@ -110,3 +110,12 @@ PyArrayObject *check_rows(PyObject *o, const char *name, size_t width, size_t *r
     return a;
 }
 
+
+/* float32 [B, L, E]; with ble[0] < 0 any shape, written back into ble */
+PyArrayObject *check_ble(PyObject *o, const char *name, npy_intp *ble) {
+    PyArrayObject *a = check_array(o, name, NPY_FLOAT32, 3, ble[0] >= 0 ? ble : NULL, 0);
+    if (a && ble[0] < 0) {
+        for (int i = 0; i < 3; i++) ble[i] = PyArray_DIM(a, i);
+    }
+    return a;
+}

@@ -22,6 +22,9 @@ PyArrayObject *check_rows(PyObject *o, const char *name, size_t width, size_t *r
 /* New int64 copy of an int32/int64 [N0, N1] array, checked to lie in [0, V). */
 int64_t *tokens_to_int64(PyObject *obj, const char *name, size_t V, npy_intp *shape2);
 PyObject *new_float_array(int nd, const npy_intp *shape);
+/* float32 [B, L, E]: with ble[0] < 0 any shape, which is then written into ble;
+ * else exactly ble. */
+PyArrayObject *check_ble(PyObject *o, const char *name, npy_intp *ble);
 
 static inline float *fdata(PyArrayObject *a) { return (float *)PyArray_DATA(a); }
 

@@ -30,15 +30,6 @@ static PyObject *py_gaussian_fill(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* x [B, L, E] float32 -> B, L, E */
-static PyArrayObject *check_ble(PyObject *o, const char *name, npy_intp *ble) {
-    PyArrayObject *a = check_array(o, name, NPY_FLOAT32, 3, ble[0] >= 0 ? ble : NULL, 0);
-    if (a && ble[0] < 0) {
-        for (int i = 0; i < 3; i++) ble[i] = PyArray_DIM(a, i);
-    }
-    return a;
-}
-
 static PyObject *py_q_sample(PyObject *mod, PyObject *args) {
     PyObject *xo, *no, *ao, *so, *mo;
     if (!PyArg_ParseTuple(args, "OOOOO", &xo, &no, &ao, &so, &mo)) return NULL;

@@ -2,20 +2,13 @@
 #include "distill.h"
 #include "glue.h"
 
-static PyArrayObject *ble(PyObject *o, const char *name, npy_intp *s) {
-    PyArrayObject *a = check_array(o, name, NPY_FLOAT32, 3, s[0] >= 0 ? s : NULL, 0);
-    if (a && s[0] < 0)
-        for (int i = 0; i < 3; i++) s[i] = PyArray_DIM(a, i);
-    return a;
-}
-
 static PyObject *py_sid_loss(PyObject *mod, PyObject *args) {
     PyObject *ro, *fo, *eo, *mo;
     float alpha;
     if (!PyArg_ParseTuple(args, "OOOOf", &ro, &fo, &eo, &mo, &alpha)) return NULL;
     npy_intp s[3] = {-1, -1, -1};
-    PyArrayObject *yr = ble(ro, "y_real", s), *yf = yr ? ble(fo, "y_fake", s) : NULL;
-    PyArrayObject *eg = yf ? ble(eo, "e_g", s) : NULL;
+    PyArrayObject *yr = check_ble(ro, "y_real", s), *yf = yr ? check_ble(fo, "y_fake", s) : NULL;
+    PyArrayObject *eg = yf ? check_ble(eo, "e_g", s) : NULL;
     PyArrayObject *m = eg ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
     if (!m) return NULL;
     PyObject *loss = new_float_array(1, s), *om = new_float_array(1, s), *gr = new_float_array(3, s),
@@ -36,7 +29,7 @@ static PyObject *py_denoise_loss(PyObject *mod, PyObject *args) {
     PyObject *po, *to, *mo;
     if (!PyArg_ParseTuple(args, "OOO", &po, &to, &mo)) return NULL;
     npy_intp s[3] = {-1, -1, -1};
-    PyArrayObject *p = ble(po, "pred", s), *t = p ? ble(to, "target", s) : NULL;
+    PyArrayObject *p = check_ble(po, "pred", s), *t = p ? check_ble(to, "target", s) : NULL;
     PyArrayObject *m = t ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
     if (!m) return NULL;
     PyObject *g = new_float_array(3, s);
@@ -68,7 +61,7 @@ static PyObject *py_disc_logits(PyObject *mod, PyObject *args) {
     PyObject *ho, *mo, *heado = Py_None;
     if (!PyArg_ParseTuple(args, "OO|O", &ho, &mo, &heado)) return NULL;
     npy_intp s[3] = {-1, -1, -1};
-    PyArrayObject *h = ble(ho, "hidden", s);
+    PyArrayObject *h = check_ble(ho, "hidden", s);
     PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
     if (!m) return NULL;
     PyArrayObject *w;
@@ -87,7 +80,7 @@ static PyObject *py_disc_backward(PyObject *mod, PyObject *args) {
     PyObject *go, *ho, *mo, *heado = Py_None;
     if (!PyArg_ParseTuple(args, "OOO|O", &go, &ho, &mo, &heado)) return NULL;
     npy_intp s[3] = {-1, -1, -1};
-    PyArrayObject *h = ble(ho, "hidden", s);
+    PyArrayObject *h = check_ble(ho, "hidden", s);
     PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
     PyArrayObject *g = m ? check_array(go, "grad_logit", NPY_FLOAT32, 1, s, 0) : NULL;
     if (!g) return NULL;
