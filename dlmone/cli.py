@@ -11,6 +11,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import build_info, set_num_threads
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .config_io import apply_overrides, read_config_file
+from .distributed import world
+
+# the commands that run data-parallel under mpirun (the others run in one process)
+MPI_COMMANDS = ("train-teacher", "distill", "generate")
 
 
 def load_data(spec: str, splits: Sequence[str], limit: Optional[int] = None):
@@ -42,8 +46,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     config = _config(args, TeacherConfig, base)
     data = load_data(args.data, ("train", "valid"), config.train_limit)
     teacher = train_teacher(config, data, args.out, resume=not args.restart, progress=not args.quiet,
-                            print_fn=(lambda s: None) if args.quiet else print)
-    if not args.quiet:
+                            print_fn=(lambda s: None) if args.quiet else print, comm=args.comm)
+    if not args.quiet and args.comm.is_root:
         print(f"teacher written to {Path(args.out) / 'teacher'}: {teacher}")
     return 0
 
@@ -64,22 +68,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sources = [p[0] for p in pairs]
     ids, mask = encode_pairs(pairs, model.tokenizer, model.config.seq_len)
     references = decode_targets(ids, mask, model.tokenizer)  # as DiffuSeq writes them
+    comm = args.comm  # under mpirun the batches are shared out over the ranks
     kw: Dict[str, Any] = dict(seed=args.seed, batch_size=args.batch_size, return_candidates=True,
-                              num_candidates=args.candidates)
+                              num_candidates=args.candidates, comm=comm)
     if model.kind == "teacher":
         kw.update(steps=args.steps, method=args.method, clamp=not args.no_clamp)
         total = (model.diffusion.T if args.method == "ancestral" else (args.steps or model.diffusion.T))
-        total *= -(-len(sources) // args.batch_size) * args.candidates
+        batches = -(-len(sources) // args.batch_size) * args.candidates
+        total *= len(range(comm.rank, batches, comm.size))  # this rank's batches
     else:
         kw.update(steps=args.steps or 1)
         total = None
-    bar = tqdm(total=total, disable=args.quiet or total is None, desc="generate", unit="step")
+    bar = tqdm(total=total, disable=args.quiet or total is None or not comm.is_root, desc="generate",
+               unit="step")
     if model.kind == "teacher":
         kw["progress"] = bar.update
     t0 = time.perf_counter()
     texts, cands = model.generate(sources, **kw)
     elapsed = time.perf_counter() - t0
     bar.close()
+    if not comm.is_root:
+        return 0
     lines = []
     for src, ref, rec, cs in zip(sources, references, texts, cands):
         row = {"source": src, "reference": ref, "recover": rec}
@@ -130,8 +139,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     config = _config(args, DistillConfig, base)
     data = load_data(args.data, ("train", "valid"))
     student = distill(args.teacher, data, config, args.out, stage=args.stage, from_dir=args.from_dir,
-                      progress=not args.quiet, print_fn=(lambda s: None) if args.quiet else print)
-    if not args.quiet:
+                      progress=not args.quiet, print_fn=(lambda s: None) if args.quiet else print,
+                      comm=args.comm)
+    if not args.quiet and args.comm.is_root:
         print(f"student written to {Path(args.out) / 'student'}: {student}")
     return 0
 
@@ -162,7 +172,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlmone", description="DLM-One: one-step diffusion language models")
-    p.add_argument("--threads", type=int, help="OpenMP threads for the C core (default: all cores)")
+    p.add_argument("--threads", type=int, help="OpenMP threads for the C core, per rank under mpirun "
+                                               "(default: every core this process may run on)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console output")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -221,9 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None:
-        set_num_threads(args.threads)
+        set_num_threads(args.threads)  # per rank under mpirun
     try:
-        return args.func(args)
+        args.comm = world()
+    except RuntimeError as e:
+        print(f"dlmone: error: {e}", file=sys.stderr)
+        return 2
+    if args.comm.size > 1 and args.command not in MPI_COMMANDS:
+        if args.comm.is_root:
+            print(f"dlmone: error: {args.command} runs in one process; only {', '.join(MPI_COMMANDS)} "
+                  f"run under mpirun", file=sys.stderr)
+        return 2
+    try:
+        with args.comm.fail_fast():  # under mpirun: an error on one rank stops every rank
+            return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"dlmone: error: {e}", file=sys.stderr)
         return 2

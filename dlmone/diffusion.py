@@ -107,7 +107,8 @@ class LossTerms:
 
 def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.ndarray,
                   mask: np.ndarray, t: np.ndarray, weights: Optional[np.ndarray] = None,
-                  seed: int = 0, train: bool = True, backward: bool = True) -> LossTerms:
+                  seed: int = 0, train: bool = True, backward: bool = True,
+                  rows: Optional[slice] = None) -> LossTerms:
     """SPEC §5's loss on one batch, and its exact gradient accumulated into the model.
 
     loss_b = mean_{L,E}(f(x_t, t) - x0)² [x0_mean at t = 0] + mean_L CE(logits(x0), tokens)
@@ -115,6 +116,13 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     the batch loss is mean_b(weights_b * loss_b) (weights: the importance weights of the
     timestep sampler, 1 for uniform sampling). Gradients reach the word embedding through
     x0 (target, rounding term and input). ``backward=False`` only evaluates.
+
+    ``rows`` computes only those rows of the batch, as one data-parallel rank does
+    (:mod:`dlmone.distributed`): they get the noise they get in the whole batch, and
+    the loss terms and gradient are their share of the batch means (divided by the whole
+    batch size), so the shares of disjoint rows add up to the whole batch's values.
+    ``per_example`` then holds those rows only. Dropout masks are drawn per forward call,
+    so rows not starting at 0 get masks of their own (identical only with dropout 0).
     """
     tokens = as_tokens(tokens)
     B, L = tokens.shape
@@ -126,27 +134,34 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     if t.shape != (B,):
         raise ValueError(f"t has shape {t.shape}, expected ({B},)")
     w = np.ones(B, np.float32) if weights is None else as_float32(weights, "weights")
+    rows = slice(0, B) if rows is None else rows
+    total = B  # the batch the loss is a mean over
+    tokens, mask, t, w = tokens[rows], mask[rows], t[rows], w[rows]
+    B = len(tokens)
     x0_mean = model.embed(tokens)
-    x0 = x0_mean + np.float32(diffusion.sqrt_one_minus_alphas_cumprod[0]) * gaussian((B, L, E), derive_seed(seed, 0))
-    x_t = diffusion.q_sample(x0, t, gaussian((B, L, E), derive_seed(seed, 1)), mask)
-    pred = model.forward(x_t, t, train=train, seed=derive_seed(seed, 2))
+    x0 = x0_mean + np.float32(diffusion.sqrt_one_minus_alphas_cumprod[0]) * gaussian(
+        (total, L, E), derive_seed(seed, 0))[rows]
+    x_t = diffusion.q_sample(x0, t, gaussian((total, L, E), derive_seed(seed, 1))[rows], mask)
+    dropout_seed = derive_seed(seed, 2) if rows.start == 0 else derive_seed(seed, 2, rows.start)
+    pred = model.forward(x_t, t, train=train, seed=dropout_seed)
 
     at_zero = np.ascontiguousarray(t == 0)
-    mse, grad_pred = _core.mse_loss(pred, x0, x0_mean, at_zero, w / np.float32(B))
+    mse, grad_pred = _core.mse_loss(pred, x0, x0_mean, at_zero, w / np.float32(total))
     logits = model.logits(x0).reshape(B * L, -1)
-    nll_pos = _core.cross_entropy(logits, tokens.reshape(-1), np.repeat(w / np.float32(B * L), L))
+    nll_pos = _core.cross_entropy(logits, tokens.reshape(-1), np.repeat(w / np.float32(total * L), L))
     nll = nll_pos.reshape(B, L).mean(axis=1)
     abar_last = np.float32(diffusion.alphas_cumprod[-1])
     prior = (abar_last * np.square(x0)).reshape(B, -1).mean(axis=1)
     per_example = mse + nll + prior
-    terms = LossTerms(loss=float(np.mean(w * per_example)), mse=float(mse.mean()),
-                      nll=float(nll.mean()), prior=float(prior.mean()), per_example=per_example)
+    terms = LossTerms(loss=float(np.sum(w * per_example) / total), mse=float(mse.sum() / total),
+                      nll=float(nll.sum() / total), prior=float(prior.sum() / total),
+                      per_example=per_example)
     if not backward:
         return terms
 
     grad_xt = model.backward(grad_pred)
     grad_x0 = model.logits_backward(x0, logits.reshape(B, L, -1))
-    grad_x0 += (w / np.float32(B))[:, None, None] * (2.0 * abar_last / (L * E)) * x0
+    grad_x0 += (w / np.float32(total))[:, None, None] * (2.0 * abar_last / (L * E)) * x0
     grad_x0 += diffusion.q_sample_backward(grad_xt, t, mask)
     target_grad = -grad_pred  # the MSE target is x0 (or x0_mean at t = 0)
     grad_x0[~at_zero] += target_grad[~at_zero]
@@ -191,8 +206,17 @@ class LossAwareSampler:
         return {"losses": self.losses.copy(), "counts": self.counts.copy()}
 
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
-        self.losses[...] = state["losses"]
-        self.counts[...] = state["counts"]
+        """Restore a saved history; a missing, misshapen or impossible one raises ValueError."""
+        for name, own in (("losses", self.losses), ("counts", self.counts)):
+            if name not in state or np.shape(state[name]) != own.shape:
+                got = np.shape(state[name]) if name in state else "missing"
+                raise ValueError(f"lossaware sampler state: {name} is {got}, expected shape {own.shape}")
+        losses, counts = np.asarray(state["losses"]), np.asarray(state["counts"])
+        if not np.isfinite(losses).all() or not ((counts >= 0) & (counts <= self.history)).all():
+            raise ValueError(f"lossaware sampler state: non-finite losses or counts outside "
+                             f"[0, {self.history}]")
+        self.losses[...] = losses
+        self.counts[...] = counts
 
 
 class UniformSampler:

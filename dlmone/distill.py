@@ -22,11 +22,13 @@ from . import _core
 from . import checkpoint as ckpt
 from .data import Seq2SeqData, decode_targets, encode_pairs
 from .diffusion import derive_seed, gaussian
+from .distributed import LocalComm, world
 from .metrics import bleu, empty_rate, mean_length, repeated_token_rate, self_bleu
 from .model import DiffusionTransformer
 from .optim import AdamW, NonFiniteGuard
+from .resources import check_memory, estimate_memory, parse_bytes
 from .sample import student_sample
-from .teacher import JsonlLog, SequenceModel, Teacher, latest_checkpoint
+from .teacher import JsonlLog, NullLog, SequenceModel, Teacher, discard, latest_checkpoint
 
 PathLike = Union[str, Path]
 FROZEN = ("word_embedding.weight", "lm_head.bias")
@@ -67,8 +69,11 @@ class DistillConfig:
     warn_empty: float = 0.2
     warn_repeat: float = 0.3
     warn_self_bleu: float = 0.95
+    max_memory: Optional[Union[int, str]] = None  # bytes or "8GiB"; default: what is available
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
         for name in ("stage1", "stage2"):
             v = getattr(self, name)
             if isinstance(v, Mapping):
@@ -98,13 +103,20 @@ class DistillConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def run_fields(self) -> Dict[str, Any]:
+        """What a resumed run must share with the saved one: every field but max_memory."""
+        return {k: v for k, v in self.to_dict().items() if k != "max_memory"}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DistillConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown DistillConfig keys: {unknown}")
-        return cls(**dict(d))
+        try:
+            return cls(**dict(d))
+        except TypeError as e:  # a value of the wrong type (or a stage with unknown keys)
+            raise ValueError(f"invalid DistillConfig: {e}") from None
 
 
 class Student(SequenceModel):
@@ -118,9 +130,10 @@ class Student(SequenceModel):
 
     def generate(self, sources: Sequence[str], steps: int = 1, seed: int = 0, batch_size: int = 256,
                  num_candidates: int = 1, return_ids: bool = False,
-                 return_candidates: bool = False) -> Any:
+                 return_candidates: bool = False, comm: Optional[LocalComm] = None) -> Any:
         """One forward pass per batch (or ``steps`` ≤ 8 passes). Same outputs as
-        :meth:`Teacher.generate`: strings, optionally ids and the S candidates."""
+        :meth:`Teacher.generate`: strings, optionally ids and the S candidates; ``comm``
+        shares the batches out over MPI ranks."""
         if not 1 <= steps <= 8:
             raise ValueError(f"student steps must be in [1, 8], got {steps}")
 
@@ -128,25 +141,33 @@ class Student(SequenceModel):
             return student_sample(self.model, self.diffusion, x_src, mask, self.t_init, steps, batch_seed)
 
         return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
-                              return_candidates)
+                              return_candidates, comm)
 
     @classmethod
     def load(cls, path: PathLike) -> "Student":
         meta, model, tokenizer = cls.read_folder(path)
         if meta["kind"] != cls.kind:
             raise ValueError(f"{path} holds a {meta['kind']}, not a student")
-        if "t_init" not in meta:
-            raise ValueError(f"{path}/config.json lacks t_init")
+        t_init = meta.get("t_init")
+        if isinstance(t_init, bool) or not isinstance(t_init, int) or not 0 <= t_init < model.config.diffusion_steps:
+            raise ValueError(f"{path}/config.json: t_init must be a timestep in [0, "
+                             f"{model.config.diffusion_steps}), got {t_init!r}")
         return cls(model, tokenizer, {k: v for k, v in meta.items() if k not in ("kind", "model")})
 
 
 # --------------------------------------------------------------------- steps
 class Distiller:
-    """The networks, optimisers and one ψ step / one G step of SPEC §6.3-§6.4."""
+    """The networks, optimisers and one ψ step / one G step of SPEC §6.3-§6.4.
+
+    A step takes the whole (global) batch; with a communicator of K ranks each rank
+    computes its rows (:mod:`dlmone.distributed`), its losses and gradients are its
+    rows' share of the global means, and the gradients are summed over the ranks
+    before the update, so every rank takes the same step."""
 
     def __init__(self, teacher: Teacher, config: DistillConfig, stage: int,
-                 generator_params: Optional[np.ndarray] = None) -> None:
+                 generator_params: Optional[np.ndarray] = None, comm: Optional[LocalComm] = None) -> None:
         self.config, self.stage = config, stage
+        self.comm = LocalComm() if comm is None else comm
         self.weights = config.stage(stage)
         self.phi = teacher.model
         self.diffusion = teacher.diffusion
@@ -174,23 +195,34 @@ class Distiller:
         return (self.head_w, float(self.head_b[0])) if self.config.disc_head == "linear" else None
 
     def _batch(self, ids: np.ndarray, mask: np.ndarray, seed: int):
+        """This rank's rows of the step's inputs (its mask, x_real, x_init, t, eps and the
+        [n,L,1] target mask), drawn for the whole batch as one process draws them."""
         c = self.config
         B = len(ids)
-        x_real = self.phi.embed(ids)          # Emb of the real pair: source + real target
-        z = gaussian(x_real.shape, derive_seed(seed, 0))
+        rows = self.comm.rows(B)
+        mask = mask[rows]
+        x_real = self.phi.embed(ids[rows])    # Emb of the real pair: source + real target
+        shape = (B,) + x_real.shape[1:]
+        z = gaussian(shape, derive_seed(seed, 0))[rows]
         s_init = np.float32(self.diffusion.sqrt_one_minus_alphas_cumprod[c.t_init])
         m3 = mask[:, :, None] > 0
         x_init = np.where(m3, s_init * z, x_real).astype(np.float32)
         rng = np.random.default_rng(derive_seed(seed, 1))
-        t = rng.integers(c.t_min, c.t_max + 1, size=B).astype(np.int64)
-        eps = gaussian(x_real.shape, derive_seed(seed, 2))
-        return x_real, x_init, t, eps, m3
+        t = rng.integers(c.t_min, c.t_max + 1, size=B).astype(np.int64)[rows]
+        eps = gaussian(shape, derive_seed(seed, 2))[rows]
+        return mask, x_real, x_init, t, eps, m3
+
+    def _summed(self, stats: Dict[str, float]) -> Dict[str, float]:
+        """Per-rank shares of the step's statistics -> the global batch's values."""
+        return dict(zip(stats, self.comm.sum_inplace(np.array(list(stats.values()))).tolist()))
 
     def psi_step(self, ids: np.ndarray, mask: np.ndarray, seed: int) -> Dict[str, float]:
         """L_ψ = mean_target ||f_ψ(x_t) - e_g||² + b_ψ ½[BCE(D(x_t^real), 1) + BCE(D(x_t^fake), 0)]."""
         c, B = self.config, len(ids)
-        x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
-        e_g = np.where(m3, self.G.forward(x_init, np.full(B, c.t_init)), x_real).astype(np.float32)
+        positions = np.count_nonzero(mask)  # the global batch's target positions
+        mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
+        n = len(x_real)
+        e_g = np.where(m3, self.G.forward(x_init, np.full(n, c.t_init)), x_real).astype(np.float32)
         xt_fake = self.diffusion.q_sample(e_g, t, eps, mask)
         adv = c.adversarial and self.weights.b_psi > 0
         if adv:
@@ -198,33 +230,38 @@ class Distiller:
             pred = self.psi.forward(np.concatenate([xt_fake, xt_real]), np.concatenate([t, t]))
         else:
             pred = self.psi.forward(xt_fake, t)
-        loss_dsm, g_pred = _core.denoise_loss(np.ascontiguousarray(pred[:B]), e_g, mask)
-        out = {"psi_dsm": loss_dsm}
+        loss_dsm, g_pred = _core.denoise_loss(np.ascontiguousarray(pred[:n]), e_g, mask)
+        # denoise_loss averages over this rank's target positions; its share of the global mean:
+        share = np.count_nonzero(mask) / max(positions, 1)
+        g_pred *= np.float32(share)
+        out = {"psi_dsm": loss_dsm * share}
         grad_out = np.zeros_like(pred)
-        grad_out[:B] = g_pred
+        grad_out[:n] = g_pred
         grad_hidden = None
         if adv:
             mask2 = np.concatenate([mask, mask])
             hidden = self.psi.hidden
             logit = _core.disc_logits(hidden, mask2, self.head())
-            target = np.concatenate([np.zeros(B, np.float32), np.ones(B, np.float32)])
+            target = np.concatenate([np.zeros(n, np.float32), np.ones(n, np.float32)])
             bce, g_logit = _core.bce_with_logits(logit, target, 10.0)
             k = np.float32(self.weights.b_psi * 0.5 / B)
             grad_hidden, g_w, g_b = _core.disc_backward(g_logit * k, hidden, mask2, self.head())
             if g_w is not None:
                 self._head_step(g_w, g_b)
-            out.update(psi_bce=float(bce.mean()), disc_acc_fake=float((logit[:B] < 0).mean()),
-                       disc_acc_real=float((logit[B:] > 0).mean()))
+            out.update(psi_bce=float(bce.sum() / (2 * B)), disc_acc_fake=float((logit[:n] < 0).sum() / B),
+                       disc_acc_real=float((logit[n:] > 0).sum() / B))
         self.psi.zero_grad()
         self.psi.backward(grad_out, grad_hidden)
-        if self.guard.ok(loss_dsm + out.get("psi_bce", 0.0), self.psi.grad_buffer, "ψ step"):
+        self.comm.sum_inplace(self.psi.grad_buffer)
+        out = self._summed(out)
+        if self.guard.ok(out["psi_dsm"] + out.get("psi_bce", 0.0), self.psi.grad_buffer, "ψ step"):
             self.opt_psi.step()
         return out
 
     def _head_step(self, g_w: np.ndarray, g_b: float) -> None:
+        grads = self.comm.sum_inplace(np.append(g_w, np.float32(g_b)).astype(np.float32))
+        np.clip(grads, -self.config.clip_value, self.config.clip_value, out=grads)
         params = np.concatenate([self.head_w, self.head_b])
-        grads = np.clip(np.append(g_w, np.float32(g_b)).astype(np.float32), -self.config.clip_value,
-                        self.config.clip_value)
         _core.adamw_step(params, grads, self.head_m, self.head_v, self.opt_psi.lr, 0.0, 0.999,
                          1e-8, 0.0, self.opt_psi.step_count + 1)
         self.head_w[:] = params[:-1]
@@ -233,29 +270,36 @@ class Distiller:
     def g_step(self, ids: np.ndarray, mask: np.ndarray, seed: int) -> Dict[str, float]:
         """L_G = L_SiD + b_G N_b BCE(D_ψ(x_t), 1), gradients through G, q_sample, φ and ψ."""
         c, B = self.config, len(ids)
-        x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
-        e_g = np.where(m3, self.G.forward(x_init, np.full(B, c.t_init)), x_real).astype(np.float32)
+        mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
+        n = len(x_real)
+        e_g = np.where(m3, self.G.forward(x_init, np.full(n, c.t_init)), x_real).astype(np.float32)
         x_t = self.diffusion.q_sample(e_g, t, eps, mask)
         y_r = self.phi.forward(x_t, t)
         y_f = self.psi.forward(x_t, t)
         loss, omega, g_yr, g_yf, g_eg = _core.sid_loss(y_r, y_f, e_g, mask, np.float32(self.weights.alpha))
-        out = {"sid": float(loss.mean()), "omega": float(omega.mean())}
+        share = np.float32(n / B)  # sid_loss averages over this rank's rows; their share of the global mean
+        g_yr *= share
+        g_yf *= share
+        g_eg *= share
+        out = {"sid": float(loss.sum() / B), "omega": float(omega.sum() / B)}
         grad_hidden = None
         if c.adversarial and self.weights.b_g > 0:
             hidden = self.psi.hidden
             logit = _core.disc_logits(hidden, mask, self.head())
-            bce, g_logit = _core.bce_with_logits(logit, np.ones(B, np.float32), 10.0)
+            bce, g_logit = _core.bce_with_logits(logit, np.ones(n, np.float32), 10.0)
             # SiDA scales the GAN term by the number of entries it competes with
             n_entries = (mask.sum(axis=1) * self.phi.config.emb_dim).astype(np.float32)
             k = np.float32(self.weights.b_g) * n_entries / np.float32(B)
             grad_hidden, _, _ = _core.disc_backward(g_logit * k, hidden, mask, self.head())
-            out["g_bce"] = float(bce.mean())
+            out["g_bce"] = float(bce.sum() / B)
         gx = self.phi.backward(g_yr, param_grads=False)
         gx += self.psi.backward(g_yf, grad_hidden, param_grads=False)
         g_eg += self.diffusion.q_sample_backward(gx, t, mask)
         g_eg *= m3
         self.G.zero_grad()
         self.G.backward(g_eg)
+        self.comm.sum_inplace(self.G.grad_buffer)
+        out = self._summed(out)
         if self.guard.ok(out["sid"] + out.get("g_bce", 0.0), self.G.grad_buffer, "G step"):
             self.opt_g.step()
         return out
@@ -277,22 +321,26 @@ def _warn_monitors(m: Dict[str, float], c: DistillConfig, say: Callable[[str], N
 
 
 def validate(student: Student, sources: Sequence[str], references: Sequence[str], steps: int,
-             seed: int) -> Dict[str, float]:
-    """BLEU and the degeneration monitors of one validation."""
-    texts, tok = student.generate(sources, steps=steps, seed=seed, return_ids=True)
+             seed: int, comm: Optional[LocalComm] = None) -> Dict[str, float]:
+    """BLEU and the degeneration monitors of one validation. With a communicator the
+    generation is shared out over the ranks; rank 0 scores it and sends every rank the scores."""
+    comm = LocalComm() if comm is None else comm
+    texts, tok = student.generate(sources, steps=steps, seed=seed, return_ids=True, comm=comm)
+    other = student.generate(sources, steps=steps, seed=seed + 1, comm=comm)
+    if not comm.is_root:
+        return comm.bcast(None)
     _, mask = student.encode_sources(sources)
-    other = student.generate(sources, steps=steps, seed=seed + 1)
     targets = [row[m > 0] for row, m in zip(tok, mask)]
     pad = student.tokenizer.pad_id
     targets = [r[r != pad] for r in targets]
-    return {"bleu": bleu(texts, references), "empty": empty_rate(texts),
-            "repeat": repeated_token_rate(targets), "len": mean_length(texts),
-            "self_bleu": self_bleu([[a, b] for a, b in zip(texts, other)])}
+    return comm.bcast({"bleu": bleu(texts, references), "empty": empty_rate(texts),
+                       "repeat": repeated_token_rate(targets), "len": mean_length(texts),
+                       "self_bleu": self_bleu([[a, b] for a, b in zip(texts, other)])})
 
 
 def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage: int, out: Path,
                generator_params: Optional[np.ndarray], progress: bool,
-               say: Callable[[str], None]) -> Tuple[Student, Dict[str, Any]]:
+               say: Callable[[str], None], comm: LocalComm) -> Tuple[Student, Dict[str, Any]]:
     from tqdm.auto import tqdm
 
     tok = teacher.tokenizer
@@ -302,15 +350,17 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     vids, vmask = encode_pairs(valid_pairs, tok, L)
     sources = [p[0] for p in valid_pairs]
     references = decode_targets(vids, vmask, tok)
-    dist = Distiller(teacher, config, stage, generator_params)
+    dist = Distiller(teacher, config, stage, generator_params, comm)
     rng = np.random.default_rng(derive_seed(config.seed, stage))
     info = {"t_init": config.t_init, "stage": stage, "distill_config": config.to_dict()}
     step, best = 0, {"bleu": -1.0, "step": 0}
-    start = latest_checkpoint(out)
+    acc: Dict[str, List[float]] = {}  # the step values the next log record averages
+    start = comm.bcast(latest_checkpoint(out) if comm.is_root else None)
     if start is not None:
-        step, best = _restore(dist, rng, start, config)
+        step, best, acc = _restore(dist, rng, start, config)
         say(f"stage {stage}: resuming from {start} at step {step}")
-    log = JsonlLog(out / "log.jsonl", keep_through=step if start is not None else -1)
+    log = JsonlLog(out / "log.jsonl", keep_through=step if start is not None else -1) \
+        if comm.is_root else NullLog()
 
     def student_now() -> Student:
         return Student(dist.G, tok, info)
@@ -324,23 +374,31 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
             (tmp / "run.json").write_text(json.dumps({
                 "config": config.to_dict(), "step": step, "stage": stage, "best": best,
                 "g_step": dist.opt_g.step_count, "psi_step": dist.opt_psi.step_count,
-                "rng": rng.bit_generator.state}, indent=2))
+                "rng": rng.bit_generator.state, "guard": dist.guard.state_dict(), "log_acc": acc},
+                indent=2))
 
-        ckpt.save_run_checkpoint(out, step, fill, keep=1)
+        comm.check_identical(dist.G.params, "generator weights")
+        comm.check_identical(dist.psi.params, "fake-score (ψ) weights")
+        comm.check_identical(np.append(dist.head_w, dist.head_b), "discriminator head weights")
+        if comm.is_root:
+            ckpt.save_run_checkpoint(out, step, fill, keep=1)
+
+    def save_best() -> None:
+        if comm.is_root:
+            student_now().save(out / "best")
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"stage {stage}",
                unit="step", dynamic_ncols=True)
     emit = bar.write if progress else say  # above the bar when there is one
-    acc: Dict[str, List[float]] = {}
     try:
         if step == 0:  # the generator as initialised: the teacher in one step, or stage 1's best
-            m = validate(student_now(), sources, references, config.eval_steps, config.seed)
+            m = validate(student_now(), sources, references, config.eval_steps, config.seed, comm)
             log.write(step=0, stage=stage, **{f"val_{k}": v for k, v in m.items()})
             emit(f"stage {stage} step 0: BLEU {m['bleu']:.4f} (generator as initialised, "
                       f"{config.eval_steps} step)")
             best = {"bleu": m["bleu"], "step": 0}
-            student_now().save(out / "best")
-        t0 = time.perf_counter()
+            save_best()
+        t0, comm_s0 = time.perf_counter(), comm.seconds
         while step < config.steps:
             idx = rng.integers(0, len(ids), size=config.batch_size)
             s_psi = dist.psi_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 0))
@@ -354,13 +412,15 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 means = {k: float(np.mean(v)) for k, v in acc.items()}
                 acc = {}
                 dt = time.perf_counter() - t0
-                t0 = time.perf_counter()
+                if comm.size > 1:
+                    means["comm_s_per_step"] = (comm.seconds - comm_s0) / config.log_every
+                t0, comm_s0 = time.perf_counter(), comm.seconds
                 bar.set_postfix(sid=f"{means.get('sid', 0):.3g}", dsm=f"{means.get('psi_dsm', 0):.3g}")
                 log.write(step=step, stage=stage, steps_per_s=config.log_every / dt,
                           skipped_steps=dist.guard.skipped, **means)
             if step % config.eval_every == 0 or step == config.steps:
-                m = validate(student_now(), sources, references, config.eval_steps, config.seed)
-                notes = _warn_monitors(m, config, emit)
+                m = validate(student_now(), sources, references, config.eval_steps, config.seed, comm)
+                notes = _warn_monitors(m, config, emit) if comm.is_root else []
                 log.write(step=step, stage=stage, warnings=notes, **{f"val_{k}": v for k, v in m.items()})
                 improved = m["bleu"] > best["bleu"]
                 emit(f"stage {stage} step {step}: BLEU {m['bleu']:.4f} empty {m['empty']:.3f} "
@@ -368,23 +428,29 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                           + (" (best)" if improved else ""))
                 if improved:
                     best = {"bleu": m["bleu"], "step": step}
-                    student_now().save(out / "best")
+                    save_best()
             if step % config.save_every == 0 or step == config.steps:
                 save_state()
     finally:
         bar.close()
         log.close()
-    if not (out / "best").exists():
-        student_now().save(out / "best")
+    if comm.is_root and not (out / "best").exists():
+        save_best()
+    comm.barrier()  # rank 0 has written best/: every rank continues from it
+    del dist  # free the three networks and their optimisers before loading the best student
     return Student.load(out / "best"), best
 
 
 
 
 def _restore(dist: Distiller, rng: np.random.Generator, path: Path, config: DistillConfig):
-    run = ckpt.read_json(path / "run.json")
-    if DistillConfig.from_dict(run["config"]).to_dict() != config.to_dict():
+    run = ckpt.read_run_json(path, {"config": dict, "step": int, "g_step": int, "psi_step": int,
+                                    "rng": dict, "best": dict})
+    if DistillConfig.from_dict(run["config"]).run_fields() != config.run_fields():
         raise ValueError(f"{path} belongs to a run with a different config")
+    best = run["best"]
+    if not (isinstance(best.get("bleu"), (int, float)) and isinstance(best.get("step"), int)):
+        raise ValueError(f"{path / 'run.json'}: 'best' must hold a bleu and a step, got {best!r}")
     st = ckpt.load_tensors(path / "state.safetensors")
     n = (dist.G.params.size,)
     H = dist.head_w.size
@@ -396,29 +462,49 @@ def _restore(dist: Distiller, rng: np.random.Generator, path: Path, config: Dist
                       ("head_v", dist.head_v)):
         np.copyto(dst, st[name])
     dist.opt_g.step_count, dist.opt_psi.step_count = run["g_step"], run["psi_step"]
-    rng.bit_generator.state = run["rng"]
-    return int(run["step"]), run["best"]
+    ckpt.restore_rng(rng, run["rng"], str(path / "run.json"))
+    # both absent from checkpoints of older versions
+    if "guard" in run:
+        dist.guard.load_state_dict(run["guard"])
+    acc = run.get("log_acc", {})
+    if not (isinstance(acc, dict) and all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+                                          for v in acc.values())):
+        raise ValueError(f"{path / 'run.json'}: 'log_acc' must map names to lists of numbers")
+    return run["step"], best, acc
 
 
 def distill(teacher_dir: PathLike, data: Union[Seq2SeqData, PathLike], config: DistillConfig,
             out_dir: PathLike, stage: Union[int, str] = "both", from_dir: Optional[PathLike] = None,
-            progress: bool = True, print_fn: Callable[[str], None] = print) -> Student:
+            progress: bool = True, print_fn: Callable[[str], None] = print,
+            comm: Optional[LocalComm] = None) -> Student:
     """Distil the teacher in ``teacher_dir`` into a one-step student.
 
     ``stage="both"`` runs stage 1 then stage 2 (ψ re-initialised from φ, G continued
     from stage 1's best checkpoint); ``stage=1`` or ``stage=2`` runs one (stage 2 takes
     G from ``from_dir``: a stage-1 run folder or a student folder). Each stage writes
     ``out_dir/stageN/{log.jsonl,best,checkpoints}``; the final student is ``out_dir/student``.
+
+    ``comm`` (default :func:`dlmone.distributed.world`: MPI ranks under mpirun) shares
+    every batch out over the ranks as in :func:`dlmone.teacher.train_teacher`; rank 0
+    alone writes ``out_dir``, which every rank must see.
     """
+    comm = world() if comm is None else comm
+    comm.rows(config.batch_size)  # every rank takes an equal share of each batch
+    if not comm.is_root:
+        progress, print_fn = False, discard
     out_dir = Path(out_dir)
     teacher = Teacher.load(teacher_dir)
     if not isinstance(data, Seq2SeqData):
         data = Seq2SeqData.from_dir(data, splits=("train", "valid"))
     if not data.train:
         raise ValueError("no training pairs")
+    comm.check_same({**config.to_dict(), "stage": str(stage), "training pairs": len(data.train)})
     stages = {"both": (1, 2), "1": (1,), "2": (2,), 1: (1,), 2: (2,)}.get(stage)
     if stages is None:
         raise ValueError(f"stage must be 1, 2 or 'both', got {stage!r}")
+    # validation generates with Student.generate's default batches of 256
+    check_memory(estimate_memory(teacher.config, config.batch_size, "distill", eval_batch=min(config.eval_size, 256),
+                                 adversarial=config.adversarial), config.max_memory, "distill")
     generator: Optional[np.ndarray] = None
     if stages == (2,):
         if from_dir is None:
@@ -430,11 +516,12 @@ def distill(teacher_dir: PathLike, data: Union[Seq2SeqData, PathLike], config: D
     summary: Dict[str, Any] = {}
     for n in stages:
         student, best = _run_stage(teacher, data, config, n, out_dir / f"stage{n}", generator,
-                                   progress, print_fn)
+                                   progress, print_fn, comm)
         summary[f"stage{n}"] = best
         generator = student.model.params.copy()
     assert student is not None
     student.info["stages"] = summary
-    student.save(out_dir / "student")
-    ckpt.atomic_write_json(out_dir / "summary.json", summary)
+    if comm.is_root:
+        student.save(out_dir / "student")
+        ckpt.atomic_write_json(out_dir / "summary.json", summary)
     return student

@@ -1,7 +1,7 @@
 """AdamW (with optional clipping) and EMA over a model's flat parameter buffer."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -141,3 +141,14 @@ class NonFiniteGuard:
                 f"training stopped (the last checkpoint is intact; lower the learning rate or check "
                 f"the data)")
         return False
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore the counts (a resumed run logs and stops as the uninterrupted one would)."""
+        counts = [state.get(k) if isinstance(state, dict) else None for k in ("skipped", "in_a_row")]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError(f"non-finite guard state must hold the counts 'skipped' and 'in_a_row', "
+                             f"got {state!r}")
+        self.skipped, self.in_a_row = counts

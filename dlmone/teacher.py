@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,11 @@ import numpy as np
 from . import checkpoint as ckpt
 from .data import Seq2SeqData, decode_targets, encode_pairs
 from .diffusion import Diffusion, decode_tokens, derive_seed, make_timestep_sampler, training_loss
+from .distributed import LocalComm, world
 from .metrics import mbr_select
 from .model import DiffusionTransformer, ModelConfig
 from .optim import EMA, AdamW, NonFiniteGuard
+from .resources import check_memory, estimate_memory, parse_bytes
 from .sample import batched, candidate_seeds, teacher_sample
 from .tokenizer import Tokenizer
 
@@ -56,8 +59,11 @@ class TeacherConfig:
     train_limit: Optional[int] = None
     max_bad_steps: int = 10       # consecutive non-finite steps before training stops
     seed: int = 0
+    max_memory: Optional[Union[int, str]] = None  # bytes or "8GiB"; default: what is available
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
         for name in ("seq_len", "diffusion_steps", "batch_size", "grad_accum", "steps",
                      "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints"):
             v = getattr(self, name)
@@ -81,13 +87,20 @@ class TeacherConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def run_fields(self) -> Dict[str, Any]:
+        """What a resumed run must share with the saved one: every field but max_memory."""
+        return {k: v for k, v in self.to_dict().items() if k != "max_memory"}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TeacherConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown TeacherConfig keys: {unknown}")
-        return cls(**dict(d))
+        try:
+            return cls(**dict(d))
+        except TypeError as e:  # a value of the wrong type (a comparison failed)
+            raise ValueError(f"invalid TeacherConfig: {e}") from None
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -116,16 +129,18 @@ class SequenceModel:
         ids, mask = encode_pairs([(s, "") for s in sources], self.tokenizer, self.config.seq_len)
         return ids, mask
 
-    def decode(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> Tuple[List[str], np.ndarray]:
-        tok = decode_tokens(self.model, x)
-        tok = np.where(mask > 0, tok, ids)
-        return decode_targets(tok, mask, self.tokenizer), tok
+    def output_ids(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Token ids of generated embeddings x: decoded on the target positions, the
+        source's ids elsewhere."""
+        return np.where(mask > 0, decode_tokens(self.model, x), ids)
 
     def _generate(self, sources: Sequence[str], sample: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
                   num_candidates: int, seed: int, batch_size: int, return_ids: bool,
-                  return_candidates: bool) -> Any:
+                  return_candidates: bool, comm: Optional[LocalComm]) -> Any:
         """Batched generation of S candidates per source (``sample(x_src, mask, seed)`` -> x0),
-        decoding, and the MBR choice when S > 1."""
+        decoding, and the MBR choice when S > 1. With a communicator of K ranks the
+        (candidate, batch) pairs are dealt round robin to the ranks and the token ids
+        gathered: every rank returns the whole, single-process result."""
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         if batch_size < 1:
@@ -134,18 +149,22 @@ class SequenceModel:
         if not len(sources):
             out0: List[Any] = [[]] + ([ids.astype(np.int64)] if return_ids else []) + ([[]] if return_candidates else [])
             return out0[0] if len(out0) == 1 else tuple(out0)
+        comm = LocalComm() if comm is None else comm
         x_src = self.model.embed(ids)
-        cands: List[List[str]] = [[] for _ in sources]
-        cand_ids: List[np.ndarray] = []
-        for cseed in candidate_seeds(seed, num_candidates):
-            tok_all = np.zeros_like(ids, dtype=np.int64)
-            for bi, sl in enumerate(batched(len(sources), batch_size)):
-                x = sample(x_src[sl], mask[sl], derive_seed(cseed, bi))
-                texts, tok = self.decode(x, ids[sl], mask[sl])
-                tok_all[sl] = tok
-                for j, text in zip(range(sl.start, sl.stop), texts):
-                    cands[j].append(text)
-            cand_ids.append(tok_all)
+        batches = batched(len(sources), batch_size)
+        seeds = candidate_seeds(seed, num_candidates)
+        jobs = [(c, b) for c in range(num_candidates) for b in range(len(batches))]
+        done: Dict[Tuple[int, int], np.ndarray] = {}
+        for j, (c, b) in enumerate(jobs):
+            if comm.owns(j):
+                sl = batches[b]
+                done[c, b] = self.output_ids(sample(x_src[sl], mask[sl], derive_seed(seeds[c], b)),
+                                             ids[sl], mask[sl])
+        for part in comm.allgather(done):
+            done.update(part)
+        cand_ids = [np.concatenate([done[c, b] for b in range(len(batches))]) for c in range(num_candidates)]
+        texts_by_candidate = [decode_targets(tok, mask, self.tokenizer) for tok in cand_ids]
+        cands = [list(texts) for texts in zip(*texts_by_candidate)]
         if num_candidates == 1:
             texts, chosen_ids = [c[0] for c in cands], cand_ids[0]
         else:
@@ -174,10 +193,14 @@ class SequenceModel:
     @staticmethod
     def read_folder(path: PathLike) -> Tuple[Dict[str, Any], DiffusionTransformer, Tokenizer]:
         path = ckpt.resolve_dir(path)
+        ckpt.verify_checksums(path)
         meta = ckpt.read_json(path / "config.json")
         if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "kind" not in meta:
             raise ValueError(f"{path}/config.json is not a dlmone model config")
-        config = ModelConfig.from_dict(meta["model"])
+        try:
+            config = ModelConfig.from_dict(meta["model"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}/config.json: {e}") from None
         model = DiffusionTransformer(config)
         tensors = ckpt.load_tensors(path / "model.safetensors")
         expected = {k: shape for k, (_, shape) in model.layout.items()}
@@ -204,20 +227,22 @@ class Teacher(SequenceModel):
     def generate(self, sources: Sequence[str], steps: Optional[int] = None, method: str = "ancestral",
                  clamp: bool = True, num_candidates: int = 1, seed: int = 0, batch_size: int = 64,
                  return_ids: bool = False, return_candidates: bool = False,
-                 progress: Optional[Callable[[int], None]] = None) -> Any:
+                 progress: Optional[Callable[[int], None]] = None,
+                 comm: Optional[LocalComm] = None) -> Any:
         """Generate a target for every source string.
 
         ``steps``: T for ancestral (the default), k for ``method="ddim"``. With
         ``num_candidates`` S > 1 every source gets S samples (different seeds) and the
         MBR choice is returned. Returns strings; with ``return_ids`` also the token ids
         [N, L]; with ``return_candidates`` also the S candidate strings per source.
+        ``comm`` (:mod:`dlmone.distributed`) shares the batches out over MPI ranks.
         """
         def sample(x_src: np.ndarray, mask: np.ndarray, batch_seed: int) -> np.ndarray:
             return teacher_sample(self.model, self.diffusion, x_src, mask, steps, method, clamp,
                                   batch_seed, progress)
 
         return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
-                              return_candidates)
+                              return_candidates, comm)
 
     @classmethod
     def load(cls, path: PathLike) -> "Teacher":
@@ -237,7 +262,9 @@ class JsonlLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
+            # only newline-terminated lines are records: a crash can cut the last one short
+            lines = path.read_bytes().split(b"\n")[:-1]
+            kept = [line.decode() for line in lines
                     if line.strip() and json.loads(line).get("step", 0) <= keep_through]
             ckpt.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
         self._f = open(path, "a", buffering=1)
@@ -247,6 +274,20 @@ class JsonlLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+class NullLog:
+    """The log of the MPI ranks other than 0: rank 0 alone writes the run's log."""
+
+    def write(self, **record: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def discard(message: str) -> None:
+    """The ``print_fn`` of the MPI ranks other than 0."""
 
 
 def build_tokenizer(config: TeacherConfig, data: Seq2SeqData) -> Tokenizer:
@@ -259,47 +300,67 @@ def build_tokenizer(config: TeacherConfig, data: Seq2SeqData) -> Tokenizer:
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The checkpoint ``checkpoints/latest`` names; if that folder is gone, the newest
-    ``step-*`` folder left; None for a fresh run."""
+    """The checkpoint ``checkpoints/latest`` names; if that folder is gone (or the pointer
+    is unreadable), the newest ``step-N`` folder left; None for a fresh run. Its files
+    are checked against their checksums (a corrupted one raises ValueError)."""
     folder = out_dir / "checkpoints"
     pointer = folder / "latest"
     if not pointer.is_file():
         return None
-    path = folder / pointer.read_text().strip()
-    if path.is_dir():
-        return path
-    left = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".old"))
-    if not left:
-        raise ValueError(f"{pointer} names {path.name}, which is missing, and no other checkpoint "
-                         f"is left; use another out_dir or resume=False")
-    return left[-1]
+    name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    path = folder / name
+    if not (re.fullmatch(r"step-\d+", name) and path.is_dir()):
+        left = sorted(p for p in folder.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
+        if not left:
+            raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint folder, and no "
+                             f"other checkpoint is left; use another out_dir or resume=False")
+        path = left[-1]
+    ckpt.verify_checksums(path)
+    return path
 
 
 def validation_loss(model: DiffusionTransformer, diffusion: Diffusion, ids: np.ndarray,
-                    mask: np.ndarray, batch_size: int, seed: int) -> Dict[str, float]:
-    """Mean loss terms on fixed (seeded) timesteps and noise; no gradients."""
+                    mask: np.ndarray, batch_size: int, seed: int,
+                    comm: Optional[LocalComm] = None) -> Dict[str, float]:
+    """Mean loss terms on fixed (seeded) timesteps and noise; no gradients. With a
+    communicator the batches are dealt round robin to the ranks and the sums added up."""
+    comm = LocalComm() if comm is None else comm
     rng = np.random.default_rng(seed)
     t_all = rng.integers(0, diffusion.T, size=len(ids))
-    sums = {"loss": 0.0, "mse": 0.0, "nll": 0.0}
+    names = ("loss", "mse", "nll")
+    sums = np.zeros(len(names))
     for bi, sl in enumerate(batched(len(ids), batch_size)):
+        if not comm.owns(bi):
+            continue
         terms = training_loss(model, diffusion, ids[sl], mask[sl], t_all[sl], None,
                               seed=derive_seed(seed, bi), train=False, backward=False)
         n = sl.stop - sl.start
-        for k in sums:
-            sums[k] += getattr(terms, k) * n
-    return {k: v / max(1, len(ids)) for k, v in sums.items()}
+        sums += [getattr(terms, k) * n for k in names]
+    comm.sum_inplace(sums)
+    return {k: float(v) / max(1, len(ids)) for k, v in zip(names, sums)}
 
 
 def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out_dir: PathLike,
                   resume: bool = True, progress: bool = True,
-                  print_fn: Callable[[str], None] = print) -> Teacher:
+                  print_fn: Callable[[str], None] = print, comm: Optional[LocalComm] = None) -> Teacher:
     """Train a teacher; returns it (the EMA weights) and writes ``out_dir/teacher``.
 
     With ``resume`` (default) a run folder that already has checkpoints continues from
     the latest one and reaches the same weights as an uninterrupted run.
+
+    ``comm`` (default :func:`dlmone.distributed.world`: MPI ranks under mpirun) trains
+    data-parallel: every rank computes an equal share of each global batch of
+    ``batch_size`` examples and the gradients are summed over the ranks, which reaches
+    the single-process weights up to floating-point summation order. Rank 0 alone
+    writes ``out_dir`` (and prints); every rank resumes from it, so it must lie on a
+    file system that every rank sees.
     """
     from tqdm.auto import tqdm
 
+    comm = world() if comm is None else comm
+    rows = comm.rows(config.batch_size)  # this rank's share of every batch
+    if not comm.is_root:
+        progress, print_fn = False, discard
     out_dir = Path(out_dir)
     if not isinstance(data, Seq2SeqData):
         data = Seq2SeqData.from_dir(data, splits=("train", "valid"), limit=config.train_limit)
@@ -307,16 +368,19 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
         data = Seq2SeqData(train=data.train[:config.train_limit], valid=data.valid, test=data.test)
     if not data.train:
         raise ValueError("no training pairs")
-    start = latest_checkpoint(out_dir) if resume else None
+    comm.check_same({**config.to_dict(), "training pairs": len(data.train)})
+    start = comm.bcast(latest_checkpoint(out_dir) if resume and comm.is_root else None)
     if start is not None:
-        saved = TeacherConfig.from_dict(ckpt.read_json(start / "run.json")["config"])
-        if saved.to_dict() != config.to_dict():
+        run = ckpt.read_run_json(start, {"config": dict, "step": int, "opt_step": int, "rng": dict})
+        saved = TeacherConfig.from_dict(run["config"])
+        if saved.run_fields() != config.run_fields():
             raise ValueError(f"{out_dir} holds a run with a different config; use another out_dir "
                              f"or resume=False")
         tokenizer = Tokenizer.load(start)
-    else:
-        tokenizer = build_tokenizer(config, data)
+    else:  # rank 0 learns the vocabulary, every rank builds the same tokenizer from it
+        tokenizer = Tokenizer(comm.bcast(build_tokenizer(config, data).vocab if comm.is_root else None))
     mcfg = config.model_config(tokenizer.vocab_size)
+    check_memory(estimate_memory(mcfg, config.batch_size, "teacher"), config.max_memory, "train_teacher")
     diffusion = Diffusion(mcfg.diffusion_steps)
     ids, mask = encode_pairs(data.train, tokenizer, mcfg.seq_len)
     valid_pairs = data.valid[:config.eval_size] if data.valid else data.train[:config.eval_size]
@@ -327,21 +391,24 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     ema = EMA(model, config.ema_decay)
     sampler = make_timestep_sampler(config.timestep_sampler, diffusion.T)
     rng = np.random.default_rng(config.seed)
+    guard = NonFiniteGuard(config.max_bad_steps)
     step = 0
     if start is not None:
         state = ckpt.load_tensors(start / "state.safetensors")
-        run = ckpt.read_json(start / "run.json")
         expected = (model.params.size,)
-        ckpt.check_tensors({k: state[k] for k in ("params", "ema", "adam_m", "adam_v")},
+        ckpt.check_tensors({k: v for k, v in state.items() if not k.startswith("sampler.")},
                            {k: expected for k in ("params", "ema", "adam_m", "adam_v")}, str(start))
         np.copyto(model.params, state["params"])
         np.copyto(ema.params, state["ema"])
         opt.load_state_dict({"m": state["adam_m"], "v": state["adam_v"], "step": run["opt_step"]})
         sampler.load_state_dict({k[len("sampler."):]: state[k] for k in state if k.startswith("sampler.")})
-        rng.bit_generator.state = run["rng"]
+        ckpt.restore_rng(rng, run["rng"], str(start / "run.json"))
+        if "guard" in run:  # absent from checkpoints of older versions
+            guard.load_state_dict(run["guard"])
         step = int(run["step"])
         print_fn(f"resuming from {start} at step {step}")
-    log = JsonlLog(out_dir / "log.jsonl", keep_through=step if start is not None else -1)
+    log = JsonlLog(out_dir / "log.jsonl", keep_through=step if start is not None else -1) \
+        if comm.is_root else NullLog()
     eval_model = DiffusionTransformer(mcfg)
     info = {"teacher_config": config.to_dict()}
 
@@ -353,17 +420,20 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
             ckpt.save_tensors(tmp / "state.safetensors", tensors)
             (tmp / "run.json").write_text(json.dumps({
                 "config": config.to_dict(), "step": step, "opt_step": opt.step_count,
-                "rng": rng.bit_generator.state}, indent=2))
+                "rng": rng.bit_generator.state, "guard": guard.state_dict()}, indent=2))
             tokenizer.save(tmp)
 
-        ckpt.save_run_checkpoint(out_dir, step, fill, config.keep_checkpoints)
+        comm.check_identical(model.params, "teacher weights")
+        if comm.is_root:
+            ckpt.save_run_checkpoint(out_dir, step, fill, config.keep_checkpoints)
 
     def evaluate() -> Dict[str, Any]:
         np.copyto(eval_model.params, ema.params)
-        vl = validation_loss(eval_model, diffusion, vids, vmask, config.batch_size, config.seed + 1)
+        vl = validation_loss(eval_model, diffusion, vids, vmask, config.batch_size, config.seed + 1, comm)
         teacher = Teacher(eval_model, tokenizer, info)
         srcs = [p[0] for p in valid_pairs[:config.eval_samples]]
-        outs = teacher.generate(srcs, steps=config.eval_sample_steps, method="ddim", seed=config.seed)
+        outs = teacher.generate(srcs, steps=config.eval_sample_steps, method="ddim", seed=config.seed,
+                                comm=comm)
         return {"val": vl, "samples": [{"source": s, "reference": p[1], "recover": o}
                                        for s, p, o in zip(srcs, valid_pairs, outs)]}
 
@@ -371,8 +441,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                dynamic_ncols=True)
     emit = bar.write if progress else print_fn  # above the bar when there is one
     tokens_per_step = config.batch_size * config.grad_accum * mcfg.seq_len
-    guard = NonFiniteGuard(config.max_bad_steps)
-    t_last, last_step = time.perf_counter(), step
+    t_last, last_step, comm_last = time.perf_counter(), step, comm.seconds
     try:
         while step < config.steps:
             opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
@@ -383,11 +452,14 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 t, w = sampler.sample(config.batch_size, rng)
                 terms = training_loss(model, diffusion, ids[idx], mask[idx], t,
                                       w / np.float32(config.grad_accum),
-                                      seed=derive_seed(config.seed, step, micro))
-                if np.isfinite(terms.per_example).all():
-                    sampler.update(t, terms.per_example)
+                                      seed=derive_seed(config.seed, step, micro), rows=rows)
+                per_example = comm.gather_rows(terms.per_example)  # the sampler sees the global batch
+                if np.isfinite(per_example).all():
+                    sampler.update(t, per_example)
                 for k in loss_sum:
                     loss_sum[k] += getattr(terms, k) / config.grad_accum
+            comm.sum_inplace(model.grad_buffer)  # the ranks' shares add up to the global batch's
+            loss_sum = dict(zip(loss_sum, comm.sum_inplace(np.array(list(loss_sum.values()))).tolist()))
             if guard.ok(loss_sum["loss"], model.grad_buffer, f"teacher step {step + 1}"):
                 opt.step()
                 ema.update()
@@ -396,9 +468,11 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
             if step % config.log_every == 0 or step == config.steps:
                 now = time.perf_counter()
                 tps = tokens_per_step * (step - last_step) / max(now - t_last, 1e-9)
-                t_last, last_step = now, step
+                comm_s = (comm.seconds - comm_last) / (step - last_step)
+                t_last, last_step, comm_last = now, step, comm.seconds
                 bar.set_postfix(loss=f"{loss_sum['loss']:.4f}", tok_s=f"{tps:,.0f}")
-                log.write(step=step, lr=opt.lr, tokens_per_s=tps, skipped_steps=guard.skipped, **loss_sum)
+                log.write(step=step, lr=opt.lr, tokens_per_s=tps, skipped_steps=guard.skipped,
+                          **({"comm_s_per_step": comm_s} if comm.size > 1 else {}), **loss_sum)
             if step % config.eval_every == 0 or step == config.steps:
                 ev = evaluate()
                 log.write(step=step, **{f"val_{k}": v for k, v in ev["val"].items()}, samples=ev["samples"])
@@ -414,5 +488,6 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     final = DiffusionTransformer(mcfg)
     np.copyto(final.params, ema.params)
     teacher = Teacher(final, tokenizer, info)
-    teacher.save(out_dir / "teacher")
+    if comm.is_root:
+        teacher.save(out_dir / "teacher")
     return teacher

@@ -298,8 +298,11 @@ class Tokenizer:
     def from_vocab_file(cls, path: PathLike) -> Tokenizer:
         """Load a BERT ``vocab.txt`` (one token a line; line i is id i)."""
         path = Path(path)
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().split("\n")
+        try:
+            with open(path, encoding="utf-8") as file:
+                lines = file.read().split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text: {e}") from None
         if lines and lines[-1] == "":
             lines.pop()  # the final newline
         tokens = [line[:-1] if line.endswith("\r") else line for line in lines]

@@ -1,7 +1,9 @@
 """dlmone.checkpoint: atomic files and folders (a failure or a crash between the two
-renames never leaves a torn or missing checkpoint), safetensors reading that turns
-corrupted files into ValueError, tensor checks, and clear errors from
-SequenceModel.read_folder / dlmone.load / train_teacher on damaged folders."""
+renames never leaves a torn or missing checkpoint), SHA256SUMS, safetensors reading that
+turns corrupted files into ValueError, tensor checks, and clear errors from
+SequenceModel.read_folder / dlmone.load / train_teacher on damaged folders: the
+checksums name any changed file, and folders without them (older ones, or rewritten
+consistently) still meet the structural checks."""
 
 from __future__ import annotations
 
@@ -104,9 +106,10 @@ def _fill(files):
 def test_atomic_write_dir_creates_and_replaces(tmp_path):
     target = tmp_path / "deep" / "ckpt"
     assert ckpt.atomic_write_dir(target, _fill({"a.txt": "1", "b.txt": "2"})) == target
-    assert _listing(target) == ["a.txt", "b.txt"] and (target / "a.txt").read_text() == "1"
+    assert _listing(target) == ["SHA256SUMS", "a.txt", "b.txt"] and (target / "a.txt").read_text() == "1"
+    ckpt.verify_checksums(target)
     ckpt.atomic_write_dir(target, _fill({"c.txt": "3"}))
-    assert _listing(target) == ["c.txt"]  # replaced, not merged
+    assert _listing(target) == ["SHA256SUMS", "c.txt"]  # replaced, not merged
     assert _listing(target.parent) == ["ckpt"]  # no .old, no temp folder
 
 
@@ -236,9 +239,11 @@ def test_check_tensors():
 
 # ------------------------------------------------------------------ damaged model folders
 def _set_config(folder, mutate):
+    """Rewrite config.json consistently (its checksum too): a well-formed but wrong folder."""
     meta = json.loads((folder / "config.json").read_text())
     meta = mutate(meta)
     (folder / "config.json").write_text(json.dumps(meta))
+    ckpt.write_checksums(folder)
 
 
 def test_read_folder_ok(teacher_copy):
@@ -270,11 +275,20 @@ def test_read_folder_ok(teacher_copy):
     (lambda d: (d / "vocab.txt").write_text("[PAD]\n[UNK]\n"), ValueError, "special tokens"),
 ])
 def test_read_folder_damaged(teacher_copy, damage, exc, match):
+    # a folder without SHA256SUMS (written before dlmone kept checksums): structural checks
+    legacy = teacher_copy.parent / "legacy"
+    shutil.copytree(teacher_copy, legacy)
+    (legacy / "SHA256SUMS").unlink()
+    damage(legacy)
+    with pytest.raises(exc, match=match):
+        SequenceModel.read_folder(legacy)
+    with pytest.raises(exc, match=match):
+        Teacher.load(legacy)
+    # with its checksums the damaged file is named (unless the damage rewrote them too)
     damage(teacher_copy)
-    with pytest.raises(exc, match=match):
-        SequenceModel.read_folder(teacher_copy)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=f"corrupted|missing|{match}") as info:
         Teacher.load(teacher_copy)
+    assert str(teacher_copy) in str(info.value)
 
 
 def test_read_folder_wrong_tensor_shape_and_dtype(teacher_copy):
@@ -283,16 +297,21 @@ def test_read_folder_wrong_tensor_shape_and_dtype(teacher_copy):
     bad = dict(good)
     bad["LayerNorm.weight"] = np.zeros(5, np.float32)
     ckpt.save_tensors(path, bad)
+    with pytest.raises(ValueError, match="model.safetensors is corrupted"):
+        dlmone.load(teacher_copy)
+    ckpt.write_checksums(teacher_copy)  # a consistent but wrong folder: the tensor checks catch it
     with pytest.raises(ValueError, match=r"LayerNorm.weight has shape \(5,\)"):
         dlmone.load(teacher_copy)
     bad = dict(good)
     bad["position_embeddings.weight"] = good["position_embeddings.weight"].astype(np.float16)
     ckpt.save_tensors(path, bad)
+    ckpt.write_checksums(teacher_copy)
     with pytest.raises(ValueError, match="position_embeddings.weight has dtype float16"):
         dlmone.load(teacher_copy)
     bad = dict(good)
     del bad["time_embed.0.bias"]
     ckpt.save_tensors(path, bad)
+    ckpt.write_checksums(teacher_copy)
     with pytest.raises(ValueError, match="time_embed.0.bias"):
         dlmone.load(teacher_copy)
 
@@ -310,6 +329,7 @@ def test_load_dispatches_on_kind(teacher_copy):
 
 def test_load_config_not_an_object(teacher_copy):
     (teacher_copy / "config.json").write_text("[1, 2]")
+    ckpt.write_checksums(teacher_copy)
     with pytest.raises(ValueError):
         dlmone.load(teacher_copy)
 
@@ -325,18 +345,24 @@ def test_resume_from_corrupted_checkpoint_raises(run_dir, tmp_path):
     src, data = run_dir
     out = tmp_path / "run"
     shutil.copytree(src, out)
-    state = out / "checkpoints" / "step-00000006" / "state.safetensors"
+    folder = out / "checkpoints" / "step-00000006"
+    state = folder / "state.safetensors"
     state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2])
+    with pytest.raises(ValueError, match="state.safetensors is corrupted"):
+        train_teacher(TeacherConfig(**TINY_RUN), data, out, progress=False, print_fn=lambda s: None)
+    ckpt.write_checksums(folder)  # without the checksums' help, the structural checks
     with pytest.raises(ValueError, match="not a valid safetensors file"):
         train_teacher(TeacherConfig(**TINY_RUN), data, out, progress=False, print_fn=lambda s: None)
     # a state whose parameter vector has the wrong length
     tensors = ckpt.load_tensors(src / "checkpoints" / "step-00000006" / "state.safetensors")
     tensors["adam_m"] = tensors["adam_m"][:-1]
     ckpt.save_tensors(state, tensors)
+    ckpt.write_checksums(folder)
     with pytest.raises(ValueError, match="adam_m has shape"):
         train_teacher(TeacherConfig(**TINY_RUN), data, out, progress=False, print_fn=lambda s: None)
     # a broken run.json
-    (out / "checkpoints" / "step-00000006" / "run.json").write_text("{")
+    (folder / "run.json").write_text("{")
+    ckpt.write_checksums(folder)
     with pytest.raises(ValueError, match="run.json is not valid JSON"):
         train_teacher(TeacherConfig(**TINY_RUN), data, out, progress=False, print_fn=lambda s: None)
 
@@ -344,8 +370,8 @@ def test_resume_from_corrupted_checkpoint_raises(run_dir, tmp_path):
 def test_saved_checkpoint_folder_layout(run_dir):
     out, _ = run_dir
     ck = out / "checkpoints" / "step-00000006"
-    assert _listing(ck) == ["run.json", "state.safetensors", "vocab.txt"]
+    assert _listing(ck) == ["SHA256SUMS", "run.json", "state.safetensors", "vocab.txt"]
     run = ckpt.read_json(ck / "run.json")
-    assert set(run) == {"config", "step", "opt_step", "rng"} and run["opt_step"] == 6
+    assert set(run) == {"config", "step", "opt_step", "rng", "guard"} and run["opt_step"] == 6
     for p in ck.iterdir():  # every file fsynced and fully written: loadable
         assert p.stat().st_size > 0

@@ -183,7 +183,7 @@ def test_run_folder_contents(trained):
     meta = json.loads((out / "teacher" / "config.json").read_text())
     assert meta["kind"] == "teacher" and meta["teacher_config"] == cfg.to_dict()
     assert meta["model"] == t.config.to_dict()
-    assert sorted(p.name for p in (out / "teacher").iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    assert sorted(p.name for p in (out / "teacher").iterdir()) == ["SHA256SUMS", "config.json", "model.safetensors", "vocab.txt"]
     assert t.tokenizer.vocab_size <= cfg.vocab_size
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
 
@@ -395,7 +395,7 @@ def test_generate_empty_sources_with_candidates(rand_teacher):
 def test_save_load_roundtrip(rand_teacher, tmp_path):
     t = rand_teacher
     path = t.save(tmp_path / "teacher")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    assert sorted(p.name for p in path.iterdir()) == ["SHA256SUMS", "config.json", "model.safetensors", "vocab.txt"]
     for loaded in (dlmone.load(path), Teacher.load(path), dlmone.load(str(path))):
         assert isinstance(loaded, Teacher)
         assert loaded.config == t.config and loaded.tokenizer == t.tokenizer
