@@ -14,29 +14,16 @@ static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alph
           (blasint)ldc);
 }
 
-/* Tiles of C: halve the longer side (in multiples of 32) until there are at least
- * MM_MIN_TILES tiles or a tile would fall under MM_MIN_FLOPS. The plan depends on the
- * shape only, never on the thread count, so every C element is computed by the same
- * sgemm call (bitwise the same results) for 1 or many threads. */
-#define MM_MIN_TILES 8
-#define MM_MIN_FLOPS ((size_t)1 << 23)
-#define MM_MIN_SIDE 32
+/* Tiles of C: blocks of MM_ROW_BLOCK rows when there are at least two, else of
+ * MM_COL_BLOCK columns, else one call. The plan depends on the shape only, never on
+ * the thread count, so every C element is computed by the same sgemm call (bitwise
+ * the same results) for 1 or many threads. */
+#define MM_ROW_BLOCK 256
+#define MM_COL_BLOCK 128
 
-static size_t half_side(size_t n) { return ((n + 1) / 2 + MM_MIN_SIDE - 1) / MM_MIN_SIDE * MM_MIN_SIDE; }
-
-static void tile_plan(size_t M, size_t N, size_t K, size_t *tm, size_t *tn) {
-    size_t m = M, n = N;
-    for (;;) {
-        size_t tiles = ((M + m - 1) / m) * ((N + n - 1) / n);
-        if (tiles >= MM_MIN_TILES) break;
-        int split_m = m >= n ? m > MM_MIN_SIDE : n <= MM_MIN_SIDE;
-        size_t m2 = split_m ? half_side(m) : m, n2 = split_m ? n : half_side(n);
-        if ((m2 == m && n2 == n) || 2 * m2 * n2 * K < MM_MIN_FLOPS) break;
-        m = m2;
-        n = n2;
-    }
-    *tm = m;
-    *tn = n;
+static void tile_plan(size_t M, size_t N, size_t *tm, size_t *tn) {
+    *tm = M >= 2 * MM_ROW_BLOCK ? MM_ROW_BLOCK : M;
+    *tn = *tm == M && N >= 2 * MM_COL_BLOCK ? MM_COL_BLOCK : N;
 }
 
 static inline float gelu_grad(float x) {
@@ -81,7 +68,7 @@ void matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, 
     if (M == 0 || N == 0) return;
     DL_PROFILE_BEGIN;
     size_t tm, tn;
-    tile_plan(M, N, K, &tm, &tn);
+    tile_plan(M, N, &tm, &tn);
     size_t mt = (M + tm - 1) / tm, nt = (N + tn - 1) / tn;
 #pragma omp parallel for schedule(static) if (mt * nt > 1)
     for (size_t tile = 0; tile < mt * nt; tile++) {
