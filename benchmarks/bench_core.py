@@ -25,14 +25,12 @@ import time
 from typing import Any, Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # reference.py
 
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
-from common import Row  # noqa: E402
+import common  # noqa: E402  (puts the repository root and tests/ on sys.path)
+from common import ROOT, Row, log  # noqa: E402
 
 DEFAULT_JSON = os.path.join(HERE, "results", "bench_core.json")
 QUICK_JSON = os.path.join(HERE, "results", "bench_core_quick.json")
@@ -57,10 +55,6 @@ TARGETS: Dict[Tuple[str, str], float] = {
 SETTLE_S = 0.1
 
 DROPOUT_NOTE = "dropout forced to 0.0 on both sides (small/diffuseq_base presets default to 0.1)"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,28 +106,10 @@ def plan_for(name: str, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def make_pair(name: str, plan: Dict[str, Any], args: argparse.Namespace):
-    import dlmone
     import torch
-    from reference import TorchDiffuSeq, load_numpy_state
 
-    cfg = dlmone.ModelConfig.preset(name, seq_len=plan["seq_len"], dropout=0.0)
-    model = dlmone.DiffusionTransformer(cfg, seed=args.seed)
-    ref = TorchDiffuSeq(cfg)
-    load_numpy_state(ref, model.state_dict())
-    for p_ in ref.parameters():
-        p_.requires_grad_(True)
+    cfg, model, ref = common.model_pair(name, plan["seq_len"], seed=args.seed)
     return cfg, model, ref, torch
-
-
-def torch_adamw(ref, kind: str, lr: float):
-    import torch
-
-    kw: Dict[str, Any] = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    if kind == "foreach":
-        kw["foreach"] = True
-    elif kind == "fused":
-        kw["fused"] = True
-    return torch.optim.AdamW(ref.parameters(), **kw)
 
 
 def bench_model(name: str, plan: Dict[str, Any], args: argparse.Namespace,
@@ -147,9 +123,8 @@ def bench_model(name: str, plan: Dict[str, Any], args: argparse.Namespace,
     rng = np.random.default_rng(args.seed + 1)
     x = rng.standard_normal((B, L, E)).astype(np.float32)
     t = rng.integers(0, T, size=B).astype(np.int64)
-    gy = (rng.standard_normal((B, L, E)) * 1e-3).astype(np.float32)
     t_scaled = model.scale_timesteps(t, B)
-    xt, tt, gyt = torch.from_numpy(x), torch.from_numpy(t_scaled), torch.from_numpy(gy)
+    xt, tt = torch.from_numpy(x), torch.from_numpy(t_scaled)
 
     info: Dict[str, Any] = {"config": cfg.to_dict(), "batch": B, "seq_len": L,
                             "tokens_per_call": tokens_per_call, "plan": plan,
@@ -183,28 +158,14 @@ def bench_model(name: str, plan: Dict[str, Any], args: argparse.Namespace,
                     details={k: v.to_dict() for k, v in tm.items()}))
 
     # 2. training step: forward + backward of sum(y * gy) + AdamW; and dlmone's diffusion step
-    ref.train()
+    train = common.train_step(cfg, model, ref, B, seed=args.seed, torch_adamw_kind=args.torch_adamw)
     opt = dlmone.AdamW(model, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    topt = torch_adamw(ref, args.torch_adamw, 1e-4)
     diffusion = Diffusion(T)
     tokens = rng.integers(0, V, size=(B, L)).astype(np.int64)
     mask = np.zeros((B, L), np.float32)
     mask[:, L // 2:] = 1.0  # DiffuSeq: source half kept, target half noised
     t_diff = rng.integers(0, T, size=B).astype(np.int64)
     step = [0]
-
-    def dl_train():
-        model.zero_grad()
-        model.forward(x, t, train=True)
-        model.backward(gy)
-        opt.step()
-
-    def th_train():
-        topt.zero_grad()
-        y = ref(xt, tt)
-        loss = (y * gyt).sum()
-        loss.backward()
-        topt.step()
 
     def dl_diffusion():
         step[0] += 1
@@ -213,7 +174,7 @@ def bench_model(name: str, plan: Dict[str, Any], args: argparse.Namespace,
         opt.step()
 
     log(f"{name}: training step")
-    tm = common.interleaved({"dlmone": dl_train, "torch": th_train, "dlmone_diffusion": dl_diffusion},
+    tm = common.interleaved({"dlmone": train.dlmone, "torch": train.torch, "dlmone_diffusion": dl_diffusion},
                             reps=plan["reps"], warmup=plan["warmup"], min_block_s=plan["min_block"])
     rows.append(Row("model", f"{name} train step", "tok/s", tokens_per_call / tm["dlmone"].median,
                     tokens_per_call / tm["torch"].median, TARGETS.get((name, "train step")),
@@ -222,13 +183,11 @@ def bench_model(name: str, plan: Dict[str, Any], args: argparse.Namespace,
                     tokens_per_call / tm["dlmone_diffusion"].median, None,
                     note="dlmone.diffusion.training_loss + AdamW, no torch counterpart",
                     details={"dlmone_diffusion": tm["dlmone_diffusion"].to_dict()}))
-    info["torch_adamw"] = {"kind": args.torch_adamw, "defaults": {
-        k: v for k, v in topt.defaults.items() if isinstance(v, (bool, int, float, str, type(None)))}}
+    info["torch_adamw"] = {"kind": args.torch_adamw, "defaults": train.info["torch_adamw_defaults"]}
     out[name] = info
 
     # 3. the tied output head through dlmone's GEMM path, same shape
     bench_logits(name, model, ref, torch, B, L, E, V, plan, rng, rows)
-    del model, ref, opt, topt
     gc.collect()
 
 

@@ -1,15 +1,17 @@
 """Shared helpers for dlmone's benchmarks: interleaved timing with medians, result
-rows and tables, atomic JSON output, machine/library information, and control of
-numpy's BLAS thread count (without threadpoolctl).
+rows and tables, atomic JSON output, machine/library information, control of
+numpy's BLAS thread count (without threadpoolctl), resident-memory readings, and
+the dlmone/PyTorch model pairs (same weights) with their training-step callables.
 
 Nothing here imports dlmone or torch at module level, so a benchmark can set
-thread counts and environment before either is loaded.
+thread counts and environment before either is loaded. Importing this module puts
+the repository root (the dlmone package being measured) and tests/ (reference.py,
+the PyTorch reference) at the front of sys.path.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import math
 import os
 import platform
@@ -18,6 +20,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (os.path.join(ROOT, "tests"), ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+def log(msg: str) -> None:
+    """A time-stamped progress line on stderr (stdout is kept for the result tables)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 # --------------------------------------------------------------------------- timing
 
@@ -102,8 +115,8 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1
 @dataclass
 class Row:
     """One line of a comparison table: ``a`` (usually dlmone) against ``b`` (the
-    reference), higher is better for both; ``ratio`` = a / b. ``target`` is the
-    minimum ratio required, if any."""
+    reference); ``ratio`` = a / b. ``target`` is the minimum ratio required (or, with
+    ``higher_is_better=False``, e.g. memory, the maximum ratio allowed), if any."""
 
     section: str
     name: str
@@ -115,6 +128,7 @@ class Row:
     details: Dict[str, Any] = field(default_factory=dict)
     a_label: str = "dlmone"
     b_label: str = "torch"
+    higher_is_better: bool = True
 
     @property
     def ratio(self) -> Optional[float]:
@@ -126,12 +140,21 @@ class Row:
     def status(self) -> str:
         if self.target is None or self.ratio is None:
             return ""
-        return "PASS" if self.ratio >= self.target else "SHORT"
+        ok = self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
+        return "PASS" if ok else "SHORT"
+
+    @property
+    def goal(self) -> str:
+        """The target as text: ">=1.5x" or "<=1.2x"; "" without one."""
+        if self.target is None:
+            return ""
+        return f"{'>=' if self.higher_is_better else '<='}{self.target:g}x"
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["ratio"] = self.ratio
         d["status"] = self.status or None
+        d["goal"] = self.goal or None
         return d
 
 
@@ -158,7 +181,7 @@ def format_table(rows: Sequence[Row], a_label: str = "dlmone", b_label: str = "t
     for r in rows:
         body.append([r.name, r.unit, fmt_num(r.a), fmt_num(r.b),
                      "-" if r.ratio is None else f"{r.ratio:.2f}x",
-                     "" if r.target is None else f">={r.target:g}x", r.status])
+                     r.goal, r.status])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)] if body else [len(h) for h in header]
     def line(cells: Sequence[str]) -> str:
         out = [str(cells[0]).ljust(widths[0]), str(cells[1]).ljust(widths[1])]
@@ -175,24 +198,34 @@ def format_table(rows: Sequence[Row], a_label: str = "dlmone", b_label: str = "t
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file in the same folder and os.replace,
-    so readers never see a half-written file."""
-    from dlmone.checkpoint import atomic_write_bytes  # imported late: see the module docstring
+    """Write ``obj`` as JSON to ``path`` with dlmone.checkpoint.atomic_write_json (a
+    temporary file in the same folder, fsync, os.replace: readers never see a
+    half-written file). The object is made strictly JSON-valid first (see jsonable)."""
+    from dlmone.checkpoint import atomic_write_json  # imported late: see the module docstring
 
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_json(path, jsonable(obj))
 
 
-def _json_default(o: Any) -> Any:
+def jsonable(o: Any) -> Any:
+    """``o`` with numpy scalars/arrays turned into Python values, tuples into lists,
+    non-finite floats into None (strict JSON has no NaN/Infinity), dict keys into
+    strings and anything else unknown into its str()."""
+    if isinstance(o, dict):
+        return {str(k): jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [jsonable(v) for v in o]
+    if isinstance(o, bool) or o is None or isinstance(o, (int, str)):
+        return o
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
     try:
         import numpy as np
-        if isinstance(o, np.generic):
-            return o.item()
         if isinstance(o, np.ndarray):
-            return o.tolist()
+            return jsonable(o.tolist())
+        if isinstance(o, np.generic):
+            return jsonable(o.item())
     except ImportError:
         pass
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     return str(o)
 
 
@@ -339,3 +372,213 @@ def dlmone_info() -> Dict[str, Any]:
 
     return {"version": dlmone.__version__, "threads": dlmone.get_num_threads(),
             "build_info": dlmone.build_info()}
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _status_kib(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_bytes() -> Optional[int]:
+    """Current resident set size of this process (VmRSS)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """High-water mark of the resident set of this process's address space (VmHWM).
+
+    This is the figure getrusage's ru_maxrss reports for a process that was started
+    by exec, minus one trap: the kernel folds the RSS peak of the address space that
+    exec replaced (the parent's, when the child was made by vfork/posix_spawn as
+    subprocess does) into ru_maxrss, so a child of a big parent starts with a big
+    ru_maxrss. VmHWM belongs to the new address space only, and reset_peak_rss()
+    can move it to the current RSS."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def ru_maxrss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM to the current RSS (Linux >= 4.0, writing 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------- the model on both sides
+
+
+def model_pair(preset: str, seq_len: int, seed: int = 0, dropout: float = 0.0, **overrides: Any):
+    """(config, dlmone model, torch reference) of a preset with the same weights (copied
+    through the state dict). Dropout defaults to 0 so train-mode work is identical."""
+    import dlmone
+    from reference import TorchDiffuSeq, load_numpy_state
+
+    cfg = dlmone.ModelConfig.preset(preset, seq_len=seq_len, dropout=dropout, **overrides)
+    model = dlmone.DiffusionTransformer(cfg, seed=seed)
+    ref = TorchDiffuSeq(cfg)
+    load_numpy_state(ref, model.state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    return cfg, model, ref
+
+
+def torch_reference_from(model) -> Any:
+    """A TorchDiffuSeq with a dlmone model's config and (a copy of) its weights."""
+    from reference import TorchDiffuSeq, load_numpy_state
+
+    ref = TorchDiffuSeq(model.config)
+    load_numpy_state(ref, model.state_dict())
+    return ref
+
+
+def torch_adamw(ref: Any, kind: str = "default", lr: float = 1e-4):
+    """torch.optim.AdamW over the reference's parameters, weight decay 0; ``kind``:
+    "default" (torch's own choice: the per-tensor loop on CPU), "foreach" or "fused"."""
+    import torch
+
+    kw: Dict[str, Any] = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if kind == "foreach":
+        kw["foreach"] = True
+    elif kind == "fused":
+        kw["fused"] = True
+    elif kind != "default":
+        raise ValueError(f"torch AdamW kind must be default, foreach or fused, got {kind!r}")
+    return torch.optim.AdamW(ref.parameters(), **kw)
+
+
+@dataclass
+class TrainStep:
+    """One training step on each side: ``dlmone()`` = zero_grad + forward(train) +
+    backward(gy) + AdamW; ``torch()`` = zero_grad + forward + (y*gy).sum().backward()
+    + AdamW (None without a reference); both on the same batch x, t, gy."""
+
+    dlmone: Callable[[], None]
+    torch: Optional[Callable[[], None]]
+    tokens: int
+    info: Dict[str, Any]
+
+
+def train_step(cfg, model, ref, batch: int, seed: int = 0, torch_adamw_kind: str = "default",
+               lr: float = 1e-4) -> TrainStep:
+    """The training-step callables of a model pair (see TrainStep) on a random batch;
+    ``ref=None`` builds the dlmone side only. With a reference, the eval-mode outputs
+    of both sides on that batch are compared first (info["forward_max_abs_diff"]), as
+    a check that they hold the same weights and compute the same function."""
+    import numpy as np
+
+    import dlmone
+
+    B, L, E, T = batch, cfg.seq_len, cfg.emb_dim, cfg.diffusion_steps
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal((B, L, E)).astype(np.float32)
+    t = rng.integers(0, T, size=B).astype(np.int64)
+    gy = (rng.standard_normal((B, L, E)) * 1e-3).astype(np.float32)
+    opt = dlmone.AdamW(model, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    info: Dict[str, Any] = {"batch": B, "seq_len": L, "tokens": B * L}
+
+    def dl_step() -> None:
+        model.zero_grad()
+        model.forward(x, t, train=True)
+        model.backward(gy)
+        opt.step()
+
+    if ref is None:
+        return TrainStep(dl_step, None, B * L, info)
+
+    import torch
+
+    xt, tt, gyt = torch.from_numpy(x), torch.from_numpy(model.scale_timesteps(t, B)), torch.from_numpy(gy)
+    ref.eval()
+    with torch.no_grad():
+        y_ref = ref(xt, tt).numpy()
+    info["forward_max_abs_diff"] = float(np.max(np.abs(model.forward(x, t) - y_ref)))
+    info["forward_max_abs_ref"] = float(np.max(np.abs(y_ref)))
+    ref.train()
+    topt = torch_adamw(ref, torch_adamw_kind, lr)
+
+    def th_step() -> None:
+        topt.zero_grad()
+        loss = (ref(xt, tt) * gyt).sum()
+        loss.backward()
+        topt.step()
+
+    info["torch_adamw"] = torch_adamw_kind
+    info["torch_adamw_defaults"] = {k: v for k, v in topt.defaults.items()
+                                    if isinstance(v, (bool, int, float, str, type(None)))}
+    return TrainStep(dl_step, th_step, B * L, info)
+
+
+def matmul_params(cfg) -> int:
+    """Weights that multiply every token in the network's forward (biases and
+    per-example time-embedding layers excluded): per layer Q, K, V, attention output
+    (4H²) and the feed-forward pair (2HF); plus the E→H→H input and H→H→E output
+    projections when E != H."""
+    E, H, F, N = cfg.emb_dim, cfg.hidden_dim, cfg.ffn_dim, cfg.num_layers
+    per_layer = 4 * H * H + 2 * H * F
+    proj = 2 * E * H + 2 * H * H if E != H else 0
+    return N * per_layer + proj
+
+
+def train_step_flops(cfg, batch: int, seq_len: int) -> Dict[str, float]:
+    """Model FLOPs of one training step (forward + backward) on batch x seq_len tokens:
+    6 x matmul_params x tokens (2 per multiply-add forward, 4 backward: input and
+    weight gradients) + attention 12 x N x B x L² x H (QKᵀ and PV: 4BL²H forward per
+    layer, twice that backward). Element-wise work (LayerNorm, GELU, softmax) is not
+    counted."""
+    tokens = batch * seq_len
+    dense = 6.0 * matmul_params(cfg) * tokens
+    attention = 12.0 * cfg.num_layers * batch * seq_len * seq_len * cfg.hidden_dim
+    return {"dense": dense, "attention": attention, "total": dense + attention}
+
+
+# ----------------------------------------------------------- run_all's plumbing
+
+# The batch each preset is benchmarked at (tokens per step = batch x seq_len); the same
+# as bench_core.py's plans.
+BENCH_BATCH: Dict[str, Dict[str, int]] = {
+    "tiny": {"batch": 64, "seq_len": 32},
+    "small": {"batch": 64, "seq_len": 32},
+    "diffuseq_base": {"batch": 8, "seq_len": 128},
+}
+
+
+@dataclass
+class Context:
+    """What every section of run_all.py gets: the run's options and a cache shared
+    between sections (e.g. the sgemm peak, measured once)."""
+
+    quick: bool = False
+    threads: int = 2
+    seed: int = 0
+    torch_adamw: str = "default"
+    reps: Optional[int] = None  # overrides every plan's repetitions when set
+    cache: Dict[str, Any] = field(default_factory=dict)
+    info: Dict[str, Any] = field(default_factory=dict)  # per-section facts for the JSON
+
+    def plan(self, full: Mapping[str, Any], quick: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """``full`` (or, with --quick, ``full`` updated by ``quick``), with --reps applied."""
+        p = dict(full)
+        if self.quick and quick:
+            p.update(quick)
+        if self.reps is not None:
+            p["reps"] = self.reps
+        return p

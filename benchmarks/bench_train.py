@@ -1,0 +1,143 @@
+"""Targets 2 and 5: the training step (forward + backward + AdamW) against PyTorch,
+its model-FLOP utilisation, and its scaling from 1 thread to all of them.
+
+Training step (common.train_step): dlmone zero_grad + forward(train) + backward(gy) +
+AdamW against torch zero_grad + forward + (y·gy).sum().backward() + AdamW (torch's
+default AdamW unless --torch-adamw), same weights, same batch x, t, gy, same threads,
+dropout 0 on both sides (the small and diffuseq_base presets default to 0.1), timed
+alternately; medians.
+
+Model FLOP utilisation (MFU) = model FLOPs per step / dlmone's median step time /
+sgemm peak, where model FLOPs = 6 x P_mm x tokens + 12 x N x B x L² x H
+(common.train_step_flops; P_mm = weights applied to every token, common.matmul_params)
+and the peak is numpy's best sgemm GFLOP/s on a big square product at the same
+threads (bench_matmul.sgemm_peak).
+
+Thread scaling: dlmone's training step at 1 thread and at --threads (OpenMP via
+dlmone.set_num_threads), alternated; goal 0.9 x threads (1.8x from 1 to 2 cores).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from common import BENCH_BATCH, Context, Row, log  # noqa: E402
+
+SECTION_TRAIN = "train"
+SECTION_SCALING = "scaling"
+TITLE = "2. Training step (forward + backward + AdamW) vs PyTorch, and model FLOP utilisation"
+SCALING_TITLE = "5. Thread scaling of dlmone's training step"
+TARGETS = {"tiny": 2.0, "small": 1.5, "diffuseq_base": 1.1}
+MFU_TARGET = 0.5
+SCALING_EFFICIENCY = 0.9  # goal: speed-up >= 0.9 x threads
+
+# repetitions per preset (dlmone and torch alternated); min_block: seconds per sample
+PLANS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(reps=15, warmup=2, min_block=0.2),
+    "small": dict(reps=15, warmup=2, min_block=0.2),
+    "diffuseq_base": dict(reps=5, warmup=1, min_block=0.0),
+}
+QUICK = dict(reps=2, warmup=1, min_block=0.02)
+TRAIN_PRESETS = {"full": ("tiny", "small", "diffuseq_base"), "quick": ("tiny",)}
+MFU_PRESET = {"full": "diffuseq_base", "quick": "tiny"}
+SCALING_PRESETS = {"full": ("small", "diffuseq_base"), "quick": ("tiny",)}
+
+
+def _mode(ctx: Context) -> str:
+    return "quick" if ctx.quick else "full"
+
+
+def run(ctx: Context) -> List[Row]:
+    from bench_matmul import sgemm_peak
+
+    rows: List[Row] = []
+    measured: Dict[str, Any] = {}
+    for preset in TRAIN_PRESETS[_mode(ctx)]:
+        shape = BENCH_BATCH[preset]
+        plan = ctx.plan(PLANS[preset], QUICK)
+        cfg, model, ref = common.model_pair(preset, shape["seq_len"], seed=ctx.seed)
+        step = common.train_step(cfg, model, ref, shape["batch"], seed=ctx.seed,
+                                 torch_adamw_kind=ctx.torch_adamw)
+        info = step.info
+        if not info["forward_max_abs_diff"] <= 1e-3 * max(1.0, info["forward_max_abs_ref"]):
+            log(f"WARNING train {preset}: dlmone and torch outputs differ by {info['forward_max_abs_diff']:.3g}")
+        log(f"train step {preset}: {model!r}, batch {shape['batch']}")
+        tm = common.interleaved({"dlmone": step.dlmone, "torch": step.torch}, reps=plan["reps"],
+                                warmup=plan["warmup"], min_block_s=plan["min_block"])
+        tok = step.tokens
+        rows.append(Row(SECTION_TRAIN, f"{preset} train step, batch {shape['batch']}x{shape['seq_len']}",
+                        "tok/s", tok / tm["dlmone"].median, tok / tm["torch"].median, TARGETS[preset],
+                        details={**info, "parameters": model.num_parameters(),
+                                 "timings": {k: v.to_dict() for k, v in tm.items()}}))
+        measured[preset] = {"cfg": cfg, "shape": shape, "dlmone_s": tm["dlmone"].median,
+                            "torch_s": tm["torch"].median}
+        del model, ref, step
+        gc.collect()
+
+    preset = MFU_PRESET[_mode(ctx)]
+    if preset in measured:
+        m = measured[preset]
+        flops = common.train_step_flops(m["cfg"], m["shape"]["batch"], m["shape"]["seq_len"])
+        peak = sgemm_peak(ctx)
+        achieved = flops["total"] / m["dlmone_s"] / 1e9
+        if achieved > peak["gflops"]:
+            log(f"WARNING MFU {preset}: {achieved:.0f} GFLOP/s above the sgemm peak {peak['gflops']:.0f}: "
+                f"the peak measurement was disturbed (a busy machine?)")
+        rows.append(Row(SECTION_TRAIN, f"{preset} MFU: model GFLOP/s vs sgemm peak", "GFLOP/s", achieved,
+                        peak["gflops"], MFU_TARGET, b_label="sgemm peak",
+                        note="model FLOPs = 6 x P_mm x tokens + 12 x N x B x L^2 x H; peak = numpy's "
+                             f"best {peak['n']}^3 sgemm at the same threads",
+                        details={"flops_per_step": flops, "matmul_params": common.matmul_params(m["cfg"]),
+                                 "tokens": m["shape"]["batch"] * m["shape"]["seq_len"],
+                                 "dlmone_step_s": m["dlmone_s"], "torch_step_s": m["torch_s"],
+                                 "torch_gflops": flops["total"] / m["torch_s"] / 1e9,
+                                 "torch_mfu": flops["total"] / m["torch_s"] / 1e9 / peak["gflops"],
+                                 "peak": {k: v for k, v in peak.items() if k != "timings"}}))
+    ctx.info[SECTION_TRAIN] = {"torch_adamw": ctx.torch_adamw, "dropout": 0.0,
+                               "flops_formula": common.train_step_flops.__doc__}
+    return rows
+
+
+def run_scaling(ctx: Context) -> List[Row]:
+    if ctx.threads < 2:
+        return [Row(SECTION_SCALING, "thread scaling", "tok/s", None,
+                    note="not measured: needs --threads 2 or more")]
+    rows = []
+    for preset in SCALING_PRESETS[_mode(ctx)]:
+        rows.append(_scaling(ctx, preset))
+        gc.collect()
+    return rows
+
+
+def _scaling(ctx: Context, preset: str) -> Row:
+    import dlmone
+
+    n = ctx.threads
+    shape = BENCH_BATCH[preset]
+    plan = ctx.plan(PLANS[preset], QUICK)
+    cfg = dlmone.ModelConfig.preset(preset, seq_len=shape["seq_len"], dropout=0.0)
+    model = dlmone.DiffusionTransformer(cfg, seed=ctx.seed)
+    step = common.train_step(cfg, model, None, shape["batch"], seed=ctx.seed)
+
+    def at(threads: int):
+        def call() -> None:
+            dlmone.set_num_threads(threads)
+            step.dlmone()
+        return call
+
+    log(f"thread scaling {preset}: 1 vs {n} threads")
+    try:
+        tm = common.interleaved({"1": at(1), str(n): at(n)}, reps=plan["reps"],
+                                warmup=plan["warmup"], min_block_s=plan["min_block"])
+    finally:
+        dlmone.set_num_threads(n)
+    tok = step.tokens
+    return Row(SECTION_SCALING, f"{preset} train step, {n} threads vs 1", "tok/s",
+               tok / tm[str(n)].median, tok / tm["1"].median, SCALING_EFFICIENCY * n,
+               a_label=f"{n} threads", b_label="1 thread",
+               details={**step.info, "timings": {k: v.to_dict() for k, v in tm.items()}})

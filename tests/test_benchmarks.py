@@ -1,0 +1,94 @@
+"""Smoke test of benchmarks/run_all.py (issue 7's benchmark harness): one quick section
+runs end to end, prints the table and writes strict JSON and a PNG (a few seconds; the
+matmul section needs no torch). Also the pass/short logic of the result rows and the
+JSON sanitising of benchmarks/common.py."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def common():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common as mod
+        yield mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _strict_json(text: str):
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=reject)
+
+
+def test_run_all_quick_writes_table_json_and_png(tmp_path):
+    out = tmp_path / "results" / "run_all.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", "matmul", "--threads", "1",
+         "--reps", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for column in ("target", "dlmone", "reference", "ratio", "goal", "status"):
+        assert column in proc.stdout
+    assert "JSON:" in proc.stdout and "PNG:" in proc.stdout
+
+    doc = _strict_json(out.read_text())
+    assert doc["complete"] and doc["quick"] and doc["sections"] == ["matmul"] and doc["threads"] == 1
+    assert doc["environment"]["machine"]["cpu_model"]
+    assert "build_info" in doc["environment"]["dlmone"]
+    rows = doc["rows"]
+    judged = [r for r in rows if r["target"] is not None]
+    assert judged and all(r["section"] == "matmul" for r in rows)
+    for r in judged:
+        assert r["a"] > 0 and r["b"] > 0 and math.isclose(r["ratio"], r["a"] / r["b"], rel_tol=1e-9)
+        assert r["status"] == ("PASS" if r["ratio"] >= r["target"] else "SHORT")
+        assert r["goal"] == f">={r['target']:g}x"
+    s = doc["summary"]
+    assert s["pass"] + s["short"] == s["targets"] == len(judged) and not s["errors"]
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.parent.glob(".*.tmp")), "atomic writes left temporary files"
+
+
+def test_run_all_rejects_unknown_section(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--only", "nosuch",
+                           "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown sections" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_row_status_both_directions(common):
+    Row = common.Row
+    assert Row("s", "n", "u", 3.0, 2.0, 1.5).status == "PASS"
+    assert Row("s", "n", "u", 2.0, 2.0, 1.5).status == "SHORT"
+    memory = Row("s", "n", "MiB", 110.0, 100.0, 1.2, higher_is_better=False)
+    assert memory.status == "PASS" and memory.goal == "<=1.2x"
+    assert Row("s", "n", "MiB", 130.0, 100.0, 1.2, higher_is_better=False).status == "SHORT"
+    assert Row("s", "n", "u", 1.0, None, 1.5).status == "" and Row("s", "n", "u", 1.0, 2.0).goal == ""
+
+
+def test_jsonable_is_strict(common):
+    obj = {"a": np.float32(1.5), "b": float("nan"), "c": (np.int64(3), np.arange(2)), 4: math.inf}
+    assert _strict_json(json.dumps(common.jsonable(obj))) == {"a": 1.5, "b": None, "c": [3, [0, 1]], "4": None}
+
+
+def test_train_step_flops_formula(common):
+    import dlmone
+
+    cfg = dlmone.ModelConfig.diffuseq_base()
+    E, H, F, N = 128, 768, 3072, 12
+    assert common.matmul_params(cfg) == N * (4 * H * H + 2 * H * F) + 2 * E * H + 2 * H * H
+    f = common.train_step_flops(cfg, batch=8, seq_len=128)
+    assert f["dense"] == 6 * common.matmul_params(cfg) * 8 * 128
+    assert f["attention"] == 12 * N * 8 * 128 * 128 * H and f["total"] == f["dense"] + f["attention"]
