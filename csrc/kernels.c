@@ -273,14 +273,14 @@ uint32_t dropout_threshold(float p) {
 }
 
 /* x *= mask/(1-p); used for both directions (the backward of dropout is itself). */
-void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site) {
+void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site, size_t base) {
     if (p <= 0.0f) return;
     DL_PROFILE_BEGIN;
     uint64_t key = site_key(seed, site);
     uint32_t thr = dropout_threshold(p);
     float scale = 1.0f / (1.0f - p);
 #pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
-    for (size_t i = 0; i < n; i++) x[i] = keep_bit(key, i, thr) ? x[i] * scale : 0.0f;
+    for (size_t i = 0; i < n; i++) x[i] = keep_bit(key, base + i, thr) ? x[i] * scale : 0.0f;
     DL_PROFILE_END(DL_K_DROPOUT);
 }
 
@@ -313,8 +313,8 @@ size_t attention_scratch_floats(size_t L, size_t H, size_t A) {
 }
 
 void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_t L, size_t H,
-                       size_t A, float p, uint64_t seed, uint64_t site, float *scratch,
-                       int threads) {
+                       size_t A, float p, uint64_t seed, uint64_t site, size_t base,
+                       float *scratch, int threads) {
     DL_PROFILE_BEGIN;
     size_t d = H / A, ld = 3 * H;
     float scale = 1.0f / sqrtf((float)d);
@@ -334,7 +334,7 @@ void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_
             softmax_rows(P, L);
             const float *Pd = P;
             if (dropped) {
-                dropout_block(dropped, P, L * L, bh * L * L, key, thr, keep_scale);
+                dropout_block(dropped, P, L * L, base + bh * L * L, key, thr, keep_scale);
                 Pd = dropped;
             }
             sgemm_block(0, 0, L, d, L, 1.0f, Pd, L, v, ld, 0.0f, ctx + b * L * H + h * d, H);
@@ -345,7 +345,7 @@ void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_
 
 void attention_backward(float *dqkv, const float *dctx, const float *att, const float *qkv,
                         size_t B, size_t L, size_t H, size_t A, float p, uint64_t seed,
-                        uint64_t site, float *scratch, int threads) {
+                        uint64_t site, size_t base, float *scratch, int threads) {
     DL_PROFILE_BEGIN;
     size_t d = H / A, ld = 3 * H;
     float scale = 1.0f / sqrtf((float)d);
@@ -365,14 +365,14 @@ void attention_backward(float *dqkv, const float *dctx, const float *att, const 
             const float *P = att + bh * L * L, *dc = dctx + b * L * H + h * d;
             const float *Pused = P;
             if (Pd) {
-                dropout_block(Pd, P, L * L, bh * L * L, key, thr, keep_scale);
+                dropout_block(Pd, P, L * L, base + bh * L * L, key, thr, keep_scale);
                 Pused = Pd;
             }
             sgemm_block(1, 0, L, d, L, 1.0f, Pused, L, dc, H, 0.0f, dv, ld);  /* dV = P^T dctx */
             sgemm_block(0, 1, L, L, d, 1.0f, dc, H, v, ld, 0.0f, dP, L);      /* dP = dctx V^T */
             if (Pd) { /* through the dropout mask: same mask, same scale */
                 for (size_t i = 0; i < L * L; i++)
-                    dP[i] = keep_bit(key, bh * L * L + i, thr) ? dP[i] * keep_scale : 0.0f;
+                    dP[i] = keep_bit(key, base + bh * L * L + i, thr) ? dP[i] * keep_scale : 0.0f;
             }
             for (size_t i = 0; i < L; i++) {
                 const float *pr = P + i * L;

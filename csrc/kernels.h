@@ -63,21 +63,24 @@ void silu_forward(float *out, const float *x, size_t n);
 void silu_backward(float *dx, const float *x, const float *dout, size_t n);
 
 /* Dropout with a counter-based RNG: element i of site s is kept iff
- * hash(seed, s, i) >= p*2^32; the mask does not depend on the thread count. */
+ * hash(seed, s, base + i) >= p*2^32; the mask does not depend on the thread count, and
+ * a shard of a batch (base = its first element's index in the whole batch) gets the
+ * whole batch's mask. */
 int dropout_keep(uint64_t seed, uint64_t site, size_t i, uint32_t threshold);
 uint32_t dropout_threshold(float p);
-void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site);
+void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site, size_t base);
 
 /* Multi-head softmax attention without mask on qkv[B,L,3H] (q|k|v per row).
- * att[B,A,L,L] receives the softmax probabilities (before dropout). scratch holds
+ * att[B,A,L,L] receives the softmax probabilities (before dropout); their dropout
+ * mask starts at element `base` of the site's stream. scratch holds
  * attention_scratch_floats(L, H, A) floats for each of at most `threads` threads. */
 size_t attention_scratch_floats(size_t L, size_t H, size_t A);
 void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_t L,
                        size_t H, size_t A, float p, uint64_t seed, uint64_t site,
-                       float *scratch, int threads);
+                       size_t base, float *scratch, int threads);
 void attention_backward(float *dqkv, const float *dctx, const float *att, const float *qkv,
                         size_t B, size_t L, size_t H, size_t A, float p, uint64_t seed,
-                        uint64_t site, float *scratch, int threads);
+                        uint64_t site, size_t base, float *scratch, int threads);
 
 /* out[B,D] = [cos(t f_k), sin(t f_k)], f_k = exp(-ln(10000) k / (D/2)); zero pad if D odd */
 void timestep_embedding(float *out, const float *t, size_t B, size_t D);

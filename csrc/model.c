@@ -401,26 +401,27 @@ static void layer_forward(Model *m, size_t l, const float *x_in, float p, uint64
     size_t B = m->act.B, L = m->act.L, M = B * L, H = d->H, F = d->F;
     layer_linear(m, bf16, a->qkv, NULL, x_in, lp->qkv_w, lp->qkv_b, M, H, 3 * H);
     attention_forward(a->ctx, a->att, a->qkv, B, L, H, d->A, p, seed, SITE_ATT(l),
-                      m->act.att_scratch, m->act.att_threads);
+                      m->last_row0 * d->A * L * L, m->act.att_scratch, m->act.att_threads);
     layer_linear(m, bf16, a->res1, NULL, a->ctx, lp->ao_w, lp->ao_b, M, H, H);
-    dropout_apply(a->res1, M * H, p, seed, SITE_AO(l));
+    dropout_apply(a->res1, M * H, p, seed, SITE_AO(l), m->last_row0 * L * H);
     layernorm_forward(a->ln1, a->res1, a->mean1, a->rstd1, a->res1, x_in, P + lp->ln1_w,
                       P + lp->ln1_b, M, H, d->ln_eps);
     layer_linear(m, bf16, a->ff_pre, a->ff_act, a->ln1, lp->fi_w, lp->fi_b, M, H, F);
     layer_linear(m, bf16, a->res2, NULL, a->ff_act, lp->fo_w, lp->fo_b, M, F, H);
-    dropout_apply(a->res2, M * H, p, seed, SITE_FO(l));
+    dropout_apply(a->res2, M * H, p, seed, SITE_FO(l), m->last_row0 * L * H);
     layernorm_forward(a->ln2, a->res2, a->mean2, a->rstd2, a->res2, a->ln1, P + lp->ln2_w,
                       P + lp->ln2_b, M, H, d->ln_eps);
 }
 
 void model_forward(Model *m, const float *x, const float *t, float *y, size_t B, size_t L,
-                   int train, uint64_t seed, int bf16) {
+                   int train, uint64_t seed, size_t row0, int bf16) {
     const ModelDims *d = &m->d;
     const ParamLayout *lay = &m->lay;
     Activations *a = &m->act;
     const float *P = m->params;
     size_t M = B * L, E = d->E, H = d->H, T4 = 4 * d->Dt;
     float p = train ? d->dropout : 0.0f;
+    m->last_row0 = row0; /* read by the dropout calls of forward and backward */
 
     memcpy(a->x, x, M * E * sizeof(float));
     timestep_embedding(a->tsin, t, B, d->Dt);
@@ -444,7 +445,7 @@ void model_forward(Model *m, const float *x, const float *t, float *y, size_t B,
     }
     layernorm_forward(a->h0, a->emb_res, a->mean0, a->rstd0, a->emb_res, NULL, P + lay->ln_w,
                       P + lay->ln_b, M, H, d->ln_eps);
-    dropout_apply(a->h0, M * H, p, seed, SITE_EMB);
+    dropout_apply(a->h0, M * H, p, seed, SITE_EMB, m->last_row0 * L * H);
     const float *h = a->h0;
     for (size_t l = 0; l < d->N; l++) {
         layer_forward(m, l, h, p, seed, bf16);
@@ -482,7 +483,7 @@ static void layer_backward(Model *m, size_t l, const float *x_in, float p, uint6
     const float *dfo = a->g2;
     if (p > 0.0f) {
         memcpy(a->g1, a->g2, M * H * sizeof(float));
-        dropout_apply(a->g1, M * H, p, seed, SITE_FO(l));
+        dropout_apply(a->g1, M * H, p, seed, SITE_FO(l), m->last_row0 * L * H);
         dfo = a->g1;
     }
     linear_backward_gelu(a->gbig, GRAD(lp->fo_w), GRAD(lp->fo_b), dfo, la->ff_act, P + lp->fo_w,
@@ -494,13 +495,13 @@ static void layer_backward(Model *m, size_t l, const float *x_in, float p, uint6
     const float *dao = a->g1;
     if (p > 0.0f) {
         memcpy(a->g2, a->g1, M * H * sizeof(float));
-        dropout_apply(a->g2, M * H, p, seed, SITE_AO(l));
+        dropout_apply(a->g2, M * H, p, seed, SITE_AO(l), m->last_row0 * L * H);
         dao = a->g2;
     }
     linear_backward(a->gbig, GRAD(lp->ao_w), GRAD(lp->ao_b), dao, la->ctx, P + lp->ao_w, M, H, H,
                     0);
     attention_backward(a->gqkv, a->gbig, la->att, la->qkv, B, L, H, d->A, p, seed, SITE_ATT(l),
-                       a->att_scratch, a->att_threads);
+                       m->last_row0 * d->A * L * L, a->att_scratch, a->att_threads);
     linear_backward(a->g1, GRAD(lp->qkv_w), GRAD(lp->qkv_b), a->gqkv, x_in, P + lp->qkv_w, M, H,
                     3 * H, 1);
 }
@@ -533,7 +534,7 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
         const float *x_in = l ? a->layers[l - 1].ln2 : a->h0;
         layer_backward(m, l, x_in, p, seed, pg);
     }
-    dropout_apply(a->g1, M * H, p, seed, SITE_EMB);
+    dropout_apply(a->g1, M * H, p, seed, SITE_EMB, m->last_row0 * L * H);
     layernorm_backward(a->g2, GRAD(lay->ln_w), GRAD(lay->ln_b), a->g1, a->emb_res, a->mean0,
                        a->rstd0, P + lay->ln_w, M, H);
     if (pg) {

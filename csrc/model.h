@@ -54,6 +54,7 @@ typedef struct {
     Activations act;
     int has_forward, last_train, last_bf16;
     uint64_t last_seed;
+    size_t last_row0;
     /* bf16 inference copy of the linear weights (amx.h): packed on the first bf16
      * forward and again whenever the parameters' hash has changed since */
     uint16_t *bf16_w, *bf16_x;
@@ -72,10 +73,12 @@ void model_free(Model *m);
  * changed, sizes the input buffer. 0 or -1 with *err set. */
 int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err);
 
-/* x[B,L,E], t[B] (model-scale timesteps), y[B,L,E]. With bf16 (inference only, after
- * model_prepare_bf16) the linear layers run in bf16 on AMX. */
+/* x[B,L,E], t[B] (model-scale timesteps), y[B,L,E]. The rows are rows row0.. of a
+ * larger batch as far as dropout masks go (data-parallel shards get the whole batch's
+ * masks). With bf16 (inference only, after model_prepare_bf16) the linear layers run
+ * in bf16 on AMX. */
 void model_forward(Model *m, const float *x, const float *t, float *y, size_t B, size_t L,
-                   int train, uint64_t seed, int bf16);
+                   int train, uint64_t seed, size_t row0, int bf16);
 /* dy[B,L,E], dhidden[B,L,H] or NULL, dx[B,L,E] or NULL; accumulates into m->grads
  * when param_grads. Uses the activations of the last forward. */
 void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int param_grads);

@@ -165,12 +165,17 @@ fail:
 }
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "t", "train", "seed", "bf16", NULL};
+    static char *kwlist[] = {"x", "t", "train", "seed", "bf16", "row_offset", NULL};
     PyObject *xo, *to;
     int train = 0, bf16 = 0;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pKp", kwlist, &xo, &to, &train, &seed, &bf16))
+    Py_ssize_t row0 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pKpn", kwlist, &xo, &to, &train, &seed, &bf16, &row0))
         return NULL;
+    if (row0 < 0 || (size_t)row0 > ((size_t)1 << 40)) {
+        PyErr_Format(PyExc_ValueError, "row_offset must be in [0, 2^40], got %zd", row0);
+        return NULL;
+    }
     if (bf16 && train) {
         PyErr_SetString(PyExc_ValueError, "bf16 is for inference only: train must be False");
         return NULL;
@@ -206,7 +211,8 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     Py_BEGIN_ALLOW_THREADS
     failed = bf16 && model_prepare_bf16(&self->m, B, L, &err);
     if (!failed)
-        model_forward(&self->m, fdata(x), fdata(t), fdata((PyArrayObject *)y), B, L, train, seed, bf16);
+        model_forward(&self->m, fdata(x), fdata(t), fdata((PyArrayObject *)y), B, L, train, seed,
+                      (size_t)row0, bf16);
     Py_END_ALLOW_THREADS
     if (failed) {
         self->busy = 0;

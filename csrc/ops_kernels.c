@@ -114,7 +114,7 @@ static PyObject *py_attention(PyObject *mod, PyObject *args) {
         return PyErr_NoMemory();
     }
     attention_forward(fdata((PyArrayObject *)ctx), fdata((PyArrayObject *)att), fdata(q), (size_t)B,
-                      (size_t)L, (size_t)(H3 / 3), (size_t)A, p, seed, 0, scratch, threads);
+                      (size_t)L, (size_t)(H3 / 3), (size_t)A, p, seed, 0, 0, scratch, threads);
     free(scratch);
     return Py_BuildValue("(NN)", ctx, att);
 }
@@ -142,7 +142,7 @@ static PyObject *py_attention_backward(PyObject *mod, PyObject *args) {
         return PyErr_NoMemory();
     }
     attention_backward(fdata((PyArrayObject *)dq), fdata(g), fdata(a), fdata(q), (size_t)B, (size_t)L,
-                       (size_t)(H3 / 3), (size_t)A, p, seed, 0, scratch, threads);
+                       (size_t)(H3 / 3), (size_t)A, p, seed, 0, 0, scratch, threads);
     free(scratch);
     return dq;
 }

@@ -190,11 +190,13 @@ class DiffusionTransformer:
 
     # -- network ------------------------------------------------------------------
     def forward(self, x: Any, t: Any, train: bool = False, rescaled: bool = False,
-                seed: Optional[int] = None) -> np.ndarray:
+                seed: Optional[int] = None, row_offset: int = 0) -> np.ndarray:
         """Predict x0 from x_t. x: [B,L,E]; t: integer timesteps [B] (or a scalar), or
         already-rescaled float timesteps with ``rescaled=True``. With ``train=True``
         dropout is on; its masks come from ``seed`` (default: a stream derived from the
-        model seed that advances every call)."""
+        model seed that advances every call). ``row_offset`` says that these rows are
+        rows ``row_offset...`` of a larger batch: a data-parallel shard then gets exactly
+        the dropout masks the whole batch would."""
         x = as_float32(x, "x")
         if x.ndim != 3:
             raise ValueError(f"x must have 3 dimensions [B, L, E], got shape {x.shape}")
@@ -209,7 +211,7 @@ class DiffusionTransformer:
             seed = (self.seed * 1_000_003 + self.dropout_calls) & (2**64 - 1)
             self.dropout_calls += 1
         bf16 = not train and self._precision == "bf16"
-        return self._core.forward(x, tf, bool(train), int(seed or 0) & (2**64 - 1), bf16)
+        return self._core.forward(x, tf, bool(train), int(seed or 0) & (2**64 - 1), bf16, int(row_offset))
 
     __call__ = forward
 

@@ -977,3 +977,31 @@ def test_bf16_is_inference_only(tiny_cfg, rng):
         m._core.forward(x, m.scale_timesteps(t, 2), True, 0, True)
     with pytest.raises(ValueError, match="inference_precision"):
         m.inference_precision = "fp8"
+
+
+def test_row_offset_gives_shards_the_whole_batch_dropout(rng):
+    """Two halves of a batch, each told its row offset, get the whole batch's dropout
+    masks: the same outputs and input gradients, and parameter gradients that sum to
+    the whole batch's."""
+    import dlmone
+
+    cfg = dlmone.ModelConfig(**dict(TINY, dropout=0.3))
+    m = dlmone.DiffusionTransformer(cfg, seed=1)
+    x, t = _inputs(cfg, rng, 4, cfg.seq_len)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    y = m.forward(x, t, train=True, seed=77)
+    dx = m.backward(gy)
+    whole = m.grad_buffer.copy()
+    parts, dxs = [], []
+    for lo, hi in ((0, 2), (2, 4)):
+        m.zero_grad()
+        parts.append(m.forward(x[lo:hi], t[lo:hi], train=True, seed=77, row_offset=lo))
+        dxs.append(m.backward(gy[lo:hi]))
+        whole -= m.grad_buffer
+    assert np.array_equal(np.concatenate(parts), y)
+    assert np.array_equal(np.concatenate(dxs), dx)
+    assert np.abs(whole).max() < 1e-5
+    # without the offset the second half would reuse the first rows' masks
+    assert not np.array_equal(m.forward(x[2:], t[2:], train=True, seed=77), y[2:])
+    with pytest.raises(ValueError, match="row_offset"):
+        m.forward(x, t, train=True, seed=77, row_offset=-1)
