@@ -51,6 +51,12 @@ class BuildCore(build_ext):
             ext.extra_link_args.append("-fopenmp")
         else:
             print("dlmone: building without OpenMP (single-threaded)", file=sys.stderr)
+        amx_src = ("#include <immintrin.h>\n__attribute__((target(\"amx-tile,amx-bf16\"))) "
+                   "void f(void){_tile_zero(0);}\nint main(void){return 0;}\n")
+        if _compiles(cc, [], amx_src):
+            ext.define_macros.append(("DLMONE_HAVE_AMX", "1"))
+        else:
+            print("dlmone: compiler lacks AMX intrinsics; bf16 inference disabled", file=sys.stderr)
         ext.extra_compile_args = flags
         ext.define_macros.append(("DLMONE_CFLAGS", '"%s"' % " ".join(flags)))
         super().build_extensions()

@@ -61,6 +61,23 @@ def _inputs(cfg, batch: int, seed: int):
     return ids, mask
 
 
+def amx_bf16() -> bool:
+    import dlmone
+
+    return bool(dlmone.build_info().get("amx_bf16"))
+
+
+def in_bf16(model, fn):
+    """fn run with the model's inference in bf16 (AMX), float32 again afterwards."""
+    def run():
+        model.inference_precision = "bf16"
+        try:
+            return fn()
+        finally:
+            model.inference_precision = "float32"
+    return run
+
+
 # ------------------------------------------------------------------ one step
 
 
@@ -101,15 +118,22 @@ def one_step(ctx: Context, plan: Dict[str, Any]) -> List[Row]:
             return ref(x_fixed, t_scaled)
 
     log(f"one-step generation {preset}: batch {B}x{plan['seq_len']}")
-    tm = common.interleaved({"dlmone": dl_generate, "torch forward": th_forward, "torch": th_generate},
-                            reps=plan["reps"], warmup=plan["warmup"], min_block_s=plan["min_block"])
+    sides = {"dlmone": dl_generate, "torch forward": th_forward, "torch": th_generate}
+    if amx_bf16():
+        sides["dlmone bf16"] = in_bf16(model, dl_generate)
+    tm = common.interleaved(sides, reps=plan["reps"], warmup=plan["warmup"], min_block_s=plan["min_block"])
     name = f"{preset} one-step generation, batch {B}x{plan['seq_len']}"
     details = {"plan": plan, "t_init": T_INIT, "parameters": model.num_parameters(),
                "timings": {k: v.to_dict() for k, v in tm.items()}}
-    return [Row(SECTION_ONE_STEP, f"{name}, vs torch forward", "seq/s", B / tm["dlmone"].median,
+    rows = [Row(SECTION_ONE_STEP, f"{name}, vs torch forward", "seq/s", B / tm["dlmone"].median,
                 B / tm["torch forward"].median, ONE_STEP_TARGET, details=details, b_label="torch forward"),
             Row(SECTION_ONE_STEP, f"{name}, vs the same generation in torch", "seq/s",
                 B / tm["dlmone"].median, B / tm["torch"].median, b_label="torch generation")]
+    if "dlmone bf16" in tm:
+        rows.append(Row(SECTION_ONE_STEP, f"{name}, bf16 (AMX) vs torch float32 forward", "seq/s",
+                        B / tm["dlmone bf16"].median, B / tm["torch forward"].median, ONE_STEP_TARGET,
+                        b_label="torch forward"))
+    return rows
 
 
 # ------------------------------------------------------------- teacher sampler
@@ -162,7 +186,7 @@ def check_same_sampler(model, ref, diffusion, x_src, mask, t_scale: float, seed:
             "max_abs_diff": float(np.max(np.abs(dl - th)))}
 
 
-def sampler(ctx: Context, plan: Dict[str, Any]) -> Row:
+def sampler(ctx: Context, plan: Dict[str, Any]) -> List[Row]:
     import torch
 
     from dlmone.diffusion import Diffusion
@@ -191,15 +215,21 @@ def sampler(ctx: Context, plan: Dict[str, Any]) -> Row:
             return torch_ancestral(ref, diffusion, x_src_t, m3, t_scale, lambda: torch.randn_like(x_src_t))
 
     log(f"teacher sampler {preset}: {n} ancestral steps with clamping, batch {B}x{plan['seq_len']}")
-    tm = common.interleaved({"dlmone": dl_sample, "torch": th_sample}, reps=plan["reps"],
-                            warmup=plan["warmup"], min_block_s=plan["min_block"])
+    sides = {"dlmone": dl_sample, "torch": th_sample}
+    if amx_bf16():
+        sides["dlmone bf16"] = in_bf16(model, dl_sample)
+    tm = common.interleaved(sides, reps=plan["reps"], warmup=plan["warmup"], min_block_s=plan["min_block"])
     rate = {k: n / v.median for k, v in tm.items()}
     T = cfg.diffusion_steps
-    return Row(SECTION_SAMPLER, f"{preset} ancestral+clamp sampler, {n} steps, batch {B}x{plan['seq_len']}",
-               "steps/s", rate["dlmone"], rate["torch"], SAMPLER_TARGET,
-               details={"plan": plan, "parameters": model.num_parameters(), "same_noise_check": check,
-                        f"projected_{T}_step_seq_per_s": {k: B * r / T for k, r in rate.items()},
-                        "timings": {k: v.to_dict() for k, v in tm.items()}})
+    name = f"{preset} ancestral+clamp sampler, {n} steps, batch {B}x{plan['seq_len']}"
+    rows = [Row(SECTION_SAMPLER, name, "steps/s", rate["dlmone"], rate["torch"], SAMPLER_TARGET,
+                details={"plan": plan, "parameters": model.num_parameters(), "same_noise_check": check,
+                         f"projected_{T}_step_seq_per_s": {k: B * r / T for k, r in rate.items()},
+                         "timings": {k: v.to_dict() for k, v in tm.items()}})]
+    if "dlmone bf16" in rate:
+        rows.append(Row(SECTION_SAMPLER, f"{name}, bf16 (AMX) vs torch float32", "steps/s",
+                        rate["dlmone bf16"], rate["torch"], SAMPLER_TARGET))
+    return rows
 
 
 def run_one_step(ctx: Context) -> List[Row]:
@@ -213,6 +243,6 @@ def run_one_step(ctx: Context) -> List[Row]:
 def run_sampler(ctx: Context) -> List[Row]:
     rows = []
     for plan in SAMPLER_PLANS["quick" if ctx.quick else "full"]:
-        rows.append(sampler(ctx, plan))
+        rows.extend(sampler(ctx, plan))
         gc.collect()
     return rows

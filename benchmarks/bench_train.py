@@ -25,6 +25,8 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np  # noqa: E402
+
 import common  # noqa: E402
 from common import BENCH_BATCH, Context, Row, log  # noqa: E402
 
@@ -107,11 +109,42 @@ def run_scaling(ctx: Context) -> List[Row]:
     if ctx.threads < 2:
         return [Row(SECTION_SCALING, "thread scaling", "tok/s", None,
                     note="not measured: needs --threads 2 or more")]
-    rows = []
+    rows = [_gemm_scaling(ctx)]
     for preset in SCALING_PRESETS[_mode(ctx)]:
         rows.append(_scaling(ctx, preset))
         gc.collect()
     return rows
+
+
+def _gemm_scaling(ctx: Context) -> Row:
+    """The machine's own ceiling: a large product alone (dlmone._core.linear, fixed
+    blocks over OpenMP threads), N threads vs 1; no training step can scale better."""
+    import dlmone
+    from dlmone import _core
+
+    n = ctx.threads
+    size = 512 if ctx.quick else 2048
+    rng = np.random.default_rng(ctx.seed)
+    x = rng.standard_normal((size, size)).astype(np.float32)
+    w = rng.standard_normal((size, size)).astype(np.float32)
+
+    def at(threads: int):
+        def call() -> None:
+            dlmone.set_num_threads(threads)
+            _core.linear(x, w)
+        return call
+
+    plan = ctx.plan(dict(reps=5, warmup=1, min_block=0.2), QUICK)
+    try:
+        tm = common.interleaved({"1": at(1), str(n): at(n)}, reps=plan["reps"],
+                                warmup=plan["warmup"], min_block_s=plan["min_block"])
+    finally:
+        dlmone.set_num_threads(n)
+    flops = 2.0 * size ** 3
+    return Row(SECTION_SCALING, f"sgemm {size}^3 alone (the machine's ceiling), {n} threads vs 1", "GFLOP/s",
+               flops / tm[str(n)].median / 1e9, flops / tm["1"].median / 1e9,
+               a_label=f"{n} threads", b_label="1 thread",
+               details={"timings": {k: v.to_dict() for k, v in tm.items()}})
 
 
 def _scaling(ctx: Context, preset: str) -> Row:

@@ -2,6 +2,8 @@
 
   perf record -g -o perf.data python benchmarks/profile_step.py --preset small --steps 60
   perf report -i perf.data --no-children --sort dso      # or --sort symbol
+
+It also prints dlmone's own per-kernel timers (dlmone._core.profile()).
 """
 import argparse
 import time
@@ -28,14 +30,24 @@ def main() -> None:
     for _ in range(5):
         model.forward(x, t, train=True)
         model.backward(gy)
-    t0 = time.perf_counter()
+    dlmone._core.set_profiling(True)
+    dlmone._core.profile(reset=True)
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         model.zero_grad()
         model.forward(x, t, train=True)
         model.backward(gy)
         opt.step()
     dt = (time.perf_counter() - t0) / args.steps
-    print(f"{args.preset}: {dt * 1e3:.1f} ms per step, {args.batch * args.seq_len / dt:,.0f} tokens/s")
+    cpu = (time.process_time() - c0) / args.steps
+    print(f"{args.preset}: {dt * 1e3:.1f} ms per step, {args.batch * args.seq_len / dt:,.0f} tokens/s, "
+          f"{cpu * 1e3:.1f} ms CPU per step (all threads)")
+    kernels = sorted(dlmone._core.profile().items(), key=lambda kv: -kv[1][1])
+    timed = sum(sec for _, sec in (v for _, v in kernels))
+    print(f"{'kernel':<20}{'calls/step':>11}{'ms/step':>9}{'share':>7}")
+    for name, (calls, sec) in kernels:
+        print(f"{name:<20}{calls / args.steps:>11.0f}{sec / args.steps * 1e3:>9.2f}{sec / args.steps / dt:>7.1%}")
+    print(f"{'(outside kernels)':<20}{'':>11}{(dt - timed / args.steps) * 1e3:>9.2f}{1 - timed / args.steps / dt:>7.1%}")
 
 
 if __name__ == "__main__":

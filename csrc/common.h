@@ -13,6 +13,7 @@
 #endif
 
 #include "cblas.h"
+#include "profile.h"
 
 /* Below this many elements a loop runs on one thread: forking a team costs more,
  * and on a loaded machine a barrier waiting for a descheduled thread costs far more. */

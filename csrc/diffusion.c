@@ -24,6 +24,7 @@ static inline uint64_t mix64(uint64_t z) {
 }
 
 void gaussian_fill(float *out, size_t n, uint64_t seed) {
+    DL_PROFILE_BEGIN;
     uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ULL);
     size_t pairs = (n + 1) / 2;
 #pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
@@ -35,10 +36,12 @@ void gaussian_fill(float *out, size_t n, uint64_t seed) {
         out[2 * i] = (float)(rad * cos(ang));
         if (2 * i + 1 < n) out[2 * i + 1] = (float)(rad * sin(ang));
     }
+    DL_PROFILE_END(DL_K_SAMPLER);
 }
 
 void q_sample(float *xt, const float *x0, const float *noise, const float *a, const float *s,
               const float *mask, size_t B, size_t L, size_t E) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for schedule(static) if (B * L * E > DL_PAR_MIN)
     for (size_t r = 0; r < B * L; r++) {
         size_t b = r / L;
@@ -52,10 +55,12 @@ void q_sample(float *xt, const float *x0, const float *noise, const float *a, co
             memcpy(o, x, E * sizeof(float));
         }
     }
+    DL_PROFILE_END(DL_K_SAMPLER);
 }
 
 void mse_loss(float *mse, float *grad_f, const float *f, const float *x0, const float *x0_mean,
               const uint8_t *use_mean, const float *weight, size_t B, size_t L, size_t E) {
+    DL_PROFILE_BEGIN;
     size_t n = L * E;
 #pragma omp parallel for schedule(static) if (B * n > DL_PAR_MIN)
     for (size_t b = 0; b < B; b++) {
@@ -70,10 +75,12 @@ void mse_loss(float *mse, float *grad_f, const float *f, const float *x0, const 
         }
         mse[b] = (float)(s / (double)n);
     }
+    DL_PROFILE_END(DL_K_LOSS);
 }
 
 void cross_entropy(float *nll, float *logits, const int64_t *target, const float *scale,
                    size_t M, size_t V) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for schedule(static) if (M * V > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) {
         float *z = logits + m * V, mx = z[0];
@@ -95,12 +102,14 @@ void cross_entropy(float *nll, float *logits, const int64_t *target, const float
         }
         z[y] -= scale[m];
     }
+    DL_PROFILE_END(DL_K_LOSS);
 }
 
 #define ARGMAX_ROWS 64
 
 void affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,
                    const uint8_t *active, size_t M, size_t E, size_t V) {
+    DL_PROFILE_BEGIN;
     size_t nb = (M + ARGMAX_ROWS - 1) / ARGMAX_ROWS;
 #pragma omp parallel
     {
@@ -137,11 +146,13 @@ void affine_argmax(int64_t *tokens, const float *x, const float *W, const float 
         free(rows);
         free(xs);
     }
+    DL_PROFILE_END(DL_K_DECODE);
 }
 
 void posterior_step(float *x_prev, const float *x0, const float *xt, const float *noise,
                     const float *c1, const float *c2, const float *sigma, const float *mask,
                     const float *anchor, size_t B, size_t L, size_t E) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for schedule(static) if (B * L * E > DL_PAR_MIN)
     for (size_t r = 0; r < B * L; r++) {
         size_t b = r / L;
@@ -161,4 +172,5 @@ void posterior_step(float *x_prev, const float *x0, const float *xt, const float
             for (size_t e = 0; e < E; e++) o[e] = k1 * a[e] + k2 * x[e];
         }
     }
+    DL_PROFILE_END(DL_K_SAMPLER);
 }

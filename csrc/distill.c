@@ -4,6 +4,7 @@
 void sid_loss(float *loss, float *omega, float *g_yr, float *g_yf, float *g_eg, const float *y_r,
               const float *y_f, const float *e_g, const float *mask, float alpha, size_t B,
               size_t L, size_t E) {
+    DL_PROFILE_BEGIN;
     size_t n = L * E;
 #pragma omp parallel for schedule(static) if (B * n > DL_PAR_MIN)
     for (size_t b = 0; b < B; b++) {
@@ -39,6 +40,7 @@ void sid_loss(float *loss, float *omega, float *g_yr, float *g_yf, float *g_eg, 
         }
         loss[b] = (float)(s / w);
     }
+    DL_PROFILE_END(DL_K_DISTILL);
 }
 
 double denoise_loss(float *grad, const float *pred, const float *target, const float *mask,
@@ -73,6 +75,7 @@ double denoise_loss(float *grad, const float *pred, const float *target, const f
 
 void disc_logits(float *logit, const float *hidden, const float *mask, const float *w, float bias,
                  size_t B, size_t L, size_t H) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for schedule(static) if (B * L * H > DL_PAR_MIN)
     for (size_t b = 0; b < B; b++) {
         double s = 0.0;
@@ -93,11 +96,13 @@ void disc_logits(float *logit, const float *hidden, const float *mask, const flo
         }
         logit[b] = count ? (float)(s / (double)count) : 0.0f;
     }
+    DL_PROFILE_END(DL_K_DISTILL);
 }
 
 void disc_backward(float *grad_hidden, float *grad_w, float *grad_bias, const float *grad_logit,
                    const float *hidden, const float *mask, const float *w, size_t B, size_t L,
                    size_t H) {
+    DL_PROFILE_BEGIN;
     for (size_t b = 0; b < B; b++) {
         size_t count = 0;
         for (size_t l = 0; l < L; l++) count += mask[b * L + l] != 0.0f;
@@ -121,10 +126,12 @@ void disc_backward(float *grad_hidden, float *grad_w, float *grad_bias, const fl
             }
         }
     }
+    DL_PROFILE_END(DL_K_DISTILL);
 }
 
 void bce_with_logits(float *loss, float *grad, const float *logit, const float *target, float c,
                      size_t B) {
+    DL_PROFILE_BEGIN;
     for (size_t b = 0; b < B; b++) {
         float z = logit[b], y = target[b];
         int clamped = z > c || z < -c;
@@ -132,4 +139,5 @@ void bce_with_logits(float *loss, float *grad, const float *logit, const float *
         loss[b] = fmaxf(z, 0.0f) - z * y + log1pf(expf(-fabsf(z)));
         grad[b] = clamped ? 0.0f : 1.0f / (1.0f + expf(-z)) - y;
     }
+    DL_PROFILE_END(DL_K_DISTILL);
 }

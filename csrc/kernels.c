@@ -2,10 +2,8 @@
 #include "kernels.h"
 #include "mathfun.h"
 
-/* Fixed block sizes: the same blocks (hence bitwise the same results) for any
- * number of threads. */
-#define MM_ROW_BLOCK 256
-#define MM_COL_BLOCK 128
+/* Fixed block size for column reductions: the same blocks (hence bitwise the same
+ * results) for any number of threads. */
 #define COL_BLOCK 32
 
 static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alpha,
@@ -16,40 +14,88 @@ static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alph
           (blasint)ldc);
 }
 
+/* Tiles of C: blocks of MM_ROW_BLOCK rows when there are at least two, else of
+ * MM_COL_BLOCK columns, else one call. The plan depends on the shape only, never on
+ * the thread count, so every C element is computed by the same sgemm call (bitwise
+ * the same results) for 1 or many threads. */
+#define MM_ROW_BLOCK 256
+#define MM_COL_BLOCK 128
+
+static void tile_plan(size_t M, size_t N, size_t *tm, size_t *tn) {
+    *tm = M >= 2 * MM_ROW_BLOCK ? MM_ROW_BLOCK : M;
+    *tn = *tm == M && N >= 2 * MM_COL_BLOCK ? MM_COL_BLOCK : N;
+}
+
+static inline float gelu_grad(float x) {
+    const float inv_sqrt_2pi = 0.3989422804014327f;
+    float cdf = 0.5f * (1.0f + dl_erff(x * (float)M_SQRT1_2));
+    return cdf + x * dl_expf(-0.5f * x * x) * inv_sqrt_2pi;
+}
+
+static void bias_row(float *restrict c, const float *restrict bias, size_t n) {
+#pragma omp simd
+    for (size_t j = 0; j < n; j++) c[j] += bias[j];
+}
+
+static void bias_gelu_row(float *restrict c, float *restrict act, const float *restrict bias,
+                          size_t n) {
+#pragma omp simd
+    for (size_t j = 0; j < n; j++) {
+        float x = c[j] + bias[j];
+        c[j] = x;
+        act[j] = 0.5f * x * (1.0f + dl_erff(x * (float)M_SQRT1_2));
+    }
+}
+
+static void gelu_grad_row(float *restrict c, const float *restrict x, size_t n) {
+#pragma omp simd
+    for (size_t j = 0; j < n; j++) c[j] *= gelu_grad(x[j]);
+}
+
+void apply_epilogue(const Epilogue *e, float *C, size_t ldc, size_t m0, size_t m1,
+                           size_t n0, size_t n1) {
+    for (size_t m = m0; m < m1; m++) {
+        size_t off = m * ldc + n0;
+        if (e->kind == EPI_BIAS) bias_row(C + off, e->bias + n0, n1 - n0);
+        else if (e->kind == EPI_BIAS_GELU) bias_gelu_row(C + off, e->out + off, e->bias + n0, n1 - n0);
+        else if (e->kind == EPI_GELU_GRAD) gelu_grad_row(C + off, e->in + off, n1 - n0);
+    }
+}
+
+void matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A,
+                     size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc,
+                     const Epilogue *epi) {
+    if (M == 0 || N == 0) return;
+    DL_PROFILE_BEGIN;
+    size_t tm, tn;
+    tile_plan(M, N, &tm, &tn);
+    size_t mt = (M + tm - 1) / tm, nt = (N + tn - 1) / tn;
+#pragma omp parallel for schedule(static) if (mt * nt > 1)
+    for (size_t tile = 0; tile < mt * nt; tile++) {
+        size_t m0 = tile / nt * tm, n0 = tile % nt * tn;
+        size_t m1 = m0 + tm < M ? m0 + tm : M, n1 = n0 + tn < N ? n0 + tn : N;
+        const float *At = ta ? A + m0 : A + m0 * lda;
+        const float *Bt = tb ? B + n0 * ldb : B + n0;
+        sgemm_block(ta, tb, m1 - m0, n1 - n0, K, alpha, At, lda, Bt, ldb, beta, C + m0 * ldc + n0,
+                    ldc);
+        if (epi && epi->kind != EPI_NONE) apply_epilogue(epi, C, ldc, m0, m1, n0, n1);
+    }
+    DL_PROFILE_END(DL_K_MATMUL);
+}
+
 void matmul(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A,
             size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc) {
-    if (M == 0 || N == 0) return;
-    if (M >= 2 * MM_ROW_BLOCK) {
-        size_t nb = (M + MM_ROW_BLOCK - 1) / MM_ROW_BLOCK;
-#pragma omp parallel for schedule(static)
-        for (size_t blk = 0; blk < nb; blk++) {
-            size_t m0 = blk * MM_ROW_BLOCK, m1 = m0 + MM_ROW_BLOCK < M ? m0 + MM_ROW_BLOCK : M;
-            const float *Ab = ta ? A + m0 : A + m0 * lda;
-            sgemm_block(ta, tb, m1 - m0, N, K, alpha, Ab, lda, B, ldb, beta, C + m0 * ldc, ldc);
-        }
-    } else if (N >= 2 * MM_COL_BLOCK) {
-        size_t nb = (N + MM_COL_BLOCK - 1) / MM_COL_BLOCK;
-#pragma omp parallel for schedule(static)
-        for (size_t blk = 0; blk < nb; blk++) {
-            size_t n0 = blk * MM_COL_BLOCK, n1 = n0 + MM_COL_BLOCK < N ? n0 + MM_COL_BLOCK : N;
-            const float *Bb = tb ? B + n0 * ldb : B + n0;
-            sgemm_block(ta, tb, M, n1 - n0, K, alpha, A, lda, Bb, ldb, beta, C + n0, ldc);
-        }
-    } else {
-        sgemm_block(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    }
+    matmul_epilogue(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
 }
 
 void linear_forward(float *y, const float *x, const float *W, const float *b, size_t M,
                     size_t in, size_t out) {
-    if (b) {
-#pragma omp parallel for schedule(static) if (M * out > DL_PAR_MIN)
-        for (size_t m = 0; m < M; m++) memcpy(y + m * out, b, out * sizeof(float));
-    }
-    matmul(0, 1, M, out, in, 1.0f, x, in, W, in, b ? 1.0f : 0.0f, y, out);
+    Epilogue e = {b ? EPI_BIAS : EPI_NONE, b, NULL, NULL};
+    matmul_epilogue(0, 1, M, out, in, 1.0f, x, in, W, in, 0.0f, y, out, &e);
 }
 
 void colsum_accumulate(float *out, const float *x, size_t M, size_t C) {
+    DL_PROFILE_BEGIN;
     size_t nb = (C + COL_BLOCK - 1) / COL_BLOCK;
 #pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
     for (size_t blk = 0; blk < nb; blk++) {
@@ -62,6 +108,7 @@ void colsum_accumulate(float *out, const float *x, size_t M, size_t C) {
         }
         for (size_t c = c0; c < c1; c++) out[c] += acc[c - c0];
     }
+    DL_PROFILE_END(DL_K_BIAS);
 }
 
 void linear_backward(float *dx, float *dW, float *db, const float *dy, const float *x,
@@ -71,9 +118,18 @@ void linear_backward(float *dx, float *dW, float *db, const float *dy, const flo
     if (db) colsum_accumulate(db, dy, M, out);
 }
 
+void linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
+                          const float *W, const float *gelu_in, size_t M, size_t in, size_t out) {
+    Epilogue e = {EPI_GELU_GRAD, NULL, NULL, gelu_in};
+    matmul_epilogue(0, 0, M, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in, &e);
+    if (dW) matmul(1, 0, out, in, M, 1.0f, dy, out, x, in, 1.0f, dW, in);
+    if (db) colsum_accumulate(db, dy, M, out);
+}
+
 void layernorm_forward(float *out, float *res, float *mean, float *rstd, const float *a,
                        const float *b, const float *w, const float *bias, size_t M, size_t C,
                        float eps) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) {
         const float *ar = a + m * C;
@@ -97,10 +153,12 @@ void layernorm_forward(float *out, float *res, float *mean, float *rstd, const f
 #pragma omp simd
         for (size_t c = 0; c < C; c++) o[c] = (rr[c] - mu) * rs * w[c] + bias[c];
     }
+    DL_PROFILE_END(DL_K_LAYERNORM);
 }
 
 void layernorm_backward(float *dx, float *dw, float *db, const float *dout, const float *res,
                         const float *mean, const float *rstd, const float *w, size_t M, size_t C) {
+    DL_PROFILE_BEGIN;
     if (dx) {
 #pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
         for (size_t m = 0; m < M; m++) {
@@ -143,44 +201,52 @@ void layernorm_backward(float *dx, float *dw, float *db, const float *dout, cons
             }
         }
     }
+    DL_PROFILE_END(DL_K_LAYERNORM_BWD);
 }
 
 void gelu_forward(float *out, const float *x, size_t n) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = 0.5f * x[i] * (1.0f + dl_erff(x[i] * (float)M_SQRT1_2));
+    DL_PROFILE_END(DL_K_GELU);
 }
 
 void gelu_backward(float *dx, const float *x, const float *dout, size_t n) {
-    const float inv_sqrt_2pi = 0.3989422804014327f;
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
-    for (size_t i = 0; i < n; i++) {
-        float cdf = 0.5f * (1.0f + dl_erff(x[i] * (float)M_SQRT1_2));
-        float pdf = dl_expf(-0.5f * x[i] * x[i]) * inv_sqrt_2pi;
-        dx[i] = dout[i] * (cdf + x[i] * pdf);
-    }
+    for (size_t i = 0; i < n; i++) dx[i] = dout[i] * gelu_grad(x[i]);
+    DL_PROFILE_END(DL_K_GELU_BWD);
 }
 
 void tanh_forward(float *out, const float *x, size_t n) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = dl_tanhf(x[i]);
+    DL_PROFILE_END(DL_K_ACTIVATION);
 }
 
 void tanh_backward(float *dx, const float *y, const float *dout, size_t n) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) dx[i] = dout[i] * (1.0f - y[i] * y[i]);
+    DL_PROFILE_END(DL_K_ACTIVATION);
 }
 
 void silu_forward(float *out, const float *x, size_t n) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = x[i] * dl_sigmoidf(x[i]);
+    DL_PROFILE_END(DL_K_ACTIVATION);
 }
 
 void silu_backward(float *dx, const float *x, const float *dout, size_t n) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float s = dl_sigmoidf(x[i]);
         dx[i] = dout[i] * s * (1.0f + x[i] * (1.0f - s));
     }
+    DL_PROFILE_END(DL_K_ACTIVATION);
 }
 
 static inline uint64_t mix64(uint64_t z) {
@@ -207,13 +273,15 @@ uint32_t dropout_threshold(float p) {
 }
 
 /* x *= mask/(1-p); used for both directions (the backward of dropout is itself). */
-void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site) {
+void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site, size_t base) {
     if (p <= 0.0f) return;
+    DL_PROFILE_BEGIN;
     uint64_t key = site_key(seed, site);
     uint32_t thr = dropout_threshold(p);
     float scale = 1.0f / (1.0f - p);
 #pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
-    for (size_t i = 0; i < n; i++) x[i] = keep_bit(key, i, thr) ? x[i] * scale : 0.0f;
+    for (size_t i = 0; i < n; i++) x[i] = keep_bit(key, base + i, thr) ? x[i] * scale : 0.0f;
+    DL_PROFILE_END(DL_K_DROPOUT);
 }
 
 /* Copy of one (b,h) probability block with dropout applied; block index base. */
@@ -222,58 +290,73 @@ static void dropout_block(float *dst, const float *src, size_t n, size_t base, u
     for (size_t i = 0; i < n; i++) dst[i] = keep_bit(key, base + i, thr) ? src[i] * scale : 0.0f;
 }
 
+static void softmax_rows(float *P, size_t L) {
+    for (size_t i = 0; i < L; i++) {
+        float *row = P + i * L, mx = row[0], s = 0.0f;
+#pragma omp simd reduction(max : mx)
+        for (size_t j = 1; j < L; j++) mx = row[j] > mx ? row[j] : mx;
+#pragma omp simd reduction(+ : s)
+        for (size_t j = 0; j < L; j++) {
+            row[j] = dl_expf(row[j] - mx);
+            s += row[j];
+        }
+        float inv = 1.0f / s;
+#pragma omp simd
+        for (size_t j = 0; j < L; j++) row[j] *= inv;
+    }
+}
+
+size_t attention_scratch_floats(size_t L, size_t H, size_t A) {
+    (void)H;
+    (void)A;
+    return 2 * L * L;
+}
+
 void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_t L, size_t H,
-                       size_t A, float p, uint64_t seed, uint64_t site) {
+                       size_t A, float p, uint64_t seed, uint64_t site, size_t base,
+                       float *scratch, int threads) {
+    DL_PROFILE_BEGIN;
     size_t d = H / A, ld = 3 * H;
     float scale = 1.0f / sqrtf((float)d);
     uint64_t key = site_key(seed, site);
     uint32_t thr = dropout_threshold(p);
     float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads) if (B * A * L * L * d > DL_PAR_MIN)
     {
-        float *scratch = p > 0.0f ? malloc(L * L * sizeof(float)) : NULL;
+        /* probabilities after dropout */
+        float *dropped = p > 0.0f ? scratch + (size_t)dl_thread_id() * attention_scratch_floats(L, H, A) : NULL;
 #pragma omp for schedule(static)
         for (size_t bh = 0; bh < B * A; bh++) {
             size_t b = bh / A, h = bh % A;
             const float *q = qkv + b * L * ld + h * d, *k = q + H, *v = q + 2 * H;
             float *P = att + bh * L * L;
             sgemm_block(0, 1, L, L, d, scale, q, ld, k, ld, 0.0f, P, L);
-            for (size_t i = 0; i < L; i++) {
-                float *row = P + i * L, mx = row[0], s = 0.0f;
-#pragma omp simd reduction(max : mx)
-                for (size_t j = 1; j < L; j++) mx = row[j] > mx ? row[j] : mx;
-#pragma omp simd reduction(+ : s)
-                for (size_t j = 0; j < L; j++) {
-                    row[j] = dl_expf(row[j] - mx);
-                    s += row[j];
-                }
-                float inv = 1.0f / s;
-#pragma omp simd
-                for (size_t j = 0; j < L; j++) row[j] *= inv;
-            }
+            softmax_rows(P, L);
             const float *Pd = P;
-            if (scratch) {
-                dropout_block(scratch, P, L * L, bh * L * L, key, thr, keep_scale);
-                Pd = scratch;
+            if (dropped) {
+                dropout_block(dropped, P, L * L, base + bh * L * L, key, thr, keep_scale);
+                Pd = dropped;
             }
             sgemm_block(0, 0, L, d, L, 1.0f, Pd, L, v, ld, 0.0f, ctx + b * L * H + h * d, H);
         }
-        free(scratch);
     }
+    DL_PROFILE_END(DL_K_ATTENTION);
 }
 
 void attention_backward(float *dqkv, const float *dctx, const float *att, const float *qkv,
                         size_t B, size_t L, size_t H, size_t A, float p, uint64_t seed,
-                        uint64_t site) {
+                        uint64_t site, size_t base, float *scratch, int threads) {
+    DL_PROFILE_BEGIN;
     size_t d = H / A, ld = 3 * H;
     float scale = 1.0f / sqrtf((float)d);
     uint64_t key = site_key(seed, site);
     uint32_t thr = dropout_threshold(p);
     float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads) if (B * A * L * L * d > DL_PAR_MIN)
     {
-        float *dP = malloc(L * L * sizeof(float));
-        float *Pd = p > 0.0f ? malloc(L * L * sizeof(float)) : NULL;
+        /* dP: gradient of the probabilities, then of the scores; Pd: P after dropout */
+        float *dP = scratch + (size_t)dl_thread_id() * attention_scratch_floats(L, H, A);
+        float *Pd = p > 0.0f ? dP + L * L : NULL;
 #pragma omp for schedule(static)
         for (size_t bh = 0; bh < B * A; bh++) {
             size_t b = bh / A, h = bh % A;
@@ -282,14 +365,14 @@ void attention_backward(float *dqkv, const float *dctx, const float *att, const 
             const float *P = att + bh * L * L, *dc = dctx + b * L * H + h * d;
             const float *Pused = P;
             if (Pd) {
-                dropout_block(Pd, P, L * L, bh * L * L, key, thr, keep_scale);
+                dropout_block(Pd, P, L * L, base + bh * L * L, key, thr, keep_scale);
                 Pused = Pd;
             }
-            sgemm_block(1, 0, L, d, L, 1.0f, Pused, L, dc, H, 0.0f, dv, ld);
-            sgemm_block(0, 1, L, L, d, 1.0f, dc, H, v, ld, 0.0f, dP, L);
+            sgemm_block(1, 0, L, d, L, 1.0f, Pused, L, dc, H, 0.0f, dv, ld);  /* dV = P^T dctx */
+            sgemm_block(0, 1, L, L, d, 1.0f, dc, H, v, ld, 0.0f, dP, L);      /* dP = dctx V^T */
             if (Pd) { /* through the dropout mask: same mask, same scale */
                 for (size_t i = 0; i < L * L; i++)
-                    dP[i] = keep_bit(key, bh * L * L + i, thr) ? dP[i] * keep_scale : 0.0f;
+                    dP[i] = keep_bit(key, base + bh * L * L + i, thr) ? dP[i] * keep_scale : 0.0f;
             }
             for (size_t i = 0; i < L; i++) {
                 const float *pr = P + i * L;
@@ -299,12 +382,11 @@ void attention_backward(float *dqkv, const float *dctx, const float *att, const 
 #pragma omp simd
                 for (size_t j = 0; j < L; j++) gr[j] = pr[j] * (gr[j] - s);
             }
-            sgemm_block(0, 0, L, d, L, scale, dP, L, k, ld, 0.0f, dq, ld);
-            sgemm_block(1, 0, L, d, L, scale, dP, L, q, ld, 0.0f, dk, ld);
+            sgemm_block(0, 0, L, d, L, scale, dP, L, k, ld, 0.0f, dq, ld);    /* dQ = scale dS K */
+            sgemm_block(1, 0, L, d, L, scale, dP, L, q, ld, 0.0f, dk, ld);    /* dK = scale dS^T Q */
         }
-        free(dP);
-        free(Pd);
     }
+    DL_PROFILE_END(DL_K_ATTENTION_BWD);
 }
 
 /* Computed in double and rounded once: float32 versions (torch's included) differ
@@ -323,11 +405,14 @@ void timestep_embedding(float *out, const float *t, size_t B, size_t D) {
 }
 
 void embedding_forward(float *out, const int64_t *tok, const float *W, size_t M, size_t E) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for schedule(static) if (M * E > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) memcpy(out + m * E, W + (size_t)tok[m] * E, E * sizeof(float));
+    DL_PROFILE_END(DL_K_EMBEDDING);
 }
 
 void embedding_backward(float *dW, const int64_t *tok, const float *g, size_t M, size_t E) {
+    DL_PROFILE_BEGIN;
     size_t nb = (E + COL_BLOCK - 1) / COL_BLOCK;
 #pragma omp parallel for schedule(static) if (M * E > DL_PAR_MIN)
     for (size_t blk = 0; blk < nb; blk++) {
@@ -338,4 +423,5 @@ void embedding_backward(float *dW, const int64_t *tok, const float *g, size_t M,
             for (size_t c = c0; c < c1; c++) dst[c] += src[c];
         }
     }
+    DL_PROFILE_END(DL_K_EMBEDDING);
 }

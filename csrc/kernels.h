@@ -7,8 +7,28 @@
 
 #include "common.h"
 
-/* C[M,N] = alpha*op(A)*op(B) + beta*C, row-major; split in fixed-size blocks
- * over M (or N when M is small) and spread over OpenMP threads. */
+/* What matmul_epilogue does to each finished tile of C (rows m, columns n):
+ * EPI_BIAS:      C += bias[n]
+ * EPI_BIAS_GELU: C += bias[n]; out = gelu(C)           (out has C's layout)
+ * EPI_GELU_GRAD: C *= gelu'(in)                         (in has C's layout) */
+typedef enum { EPI_NONE, EPI_BIAS, EPI_BIAS_GELU, EPI_GELU_GRAD } EpilogueKind;
+typedef struct {
+    EpilogueKind kind;
+    const float *bias;
+    float *out;
+    const float *in;
+} Epilogue;
+
+/* Rows m0..m1, columns n0..n1 of C (row stride ldc) get the epilogue; the matrix
+ * products call it on each tile right after computing it, while it is in cache. */
+void apply_epilogue(const Epilogue *e, float *C, size_t ldc, size_t m0, size_t m1, size_t n0,
+                    size_t n1);
+
+/* C[M,N] = alpha*op(A)*op(B) + beta*C, row-major, in tiles whose plan depends on the
+ * shape only, spread over OpenMP threads; each tile gets the epilogue (may be NULL). */
+void matmul_epilogue(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha,
+                     const float *A, size_t lda, const float *B, size_t ldb, float beta,
+                     float *C, size_t ldc, const Epilogue *epi);
 void matmul(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha,
             const float *A, size_t lda, const float *B, size_t ldb, float beta,
             float *C, size_t ldc);
@@ -20,6 +40,10 @@ void linear_forward(float *y, const float *x, const float *W, const float *b,
  * dx, dW, db may be NULL to skip them. */
 void linear_backward(float *dx, float *dW, float *db, const float *dy, const float *x,
                      const float *W, size_t M, size_t in, size_t out, int accumulate_dx);
+/* As linear_backward for a layer whose input x = gelu(gelu_in): dx = (dy W) * gelu'(gelu_in),
+ * the gradient with respect to gelu_in (dx required, overwritten). */
+void linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
+                          const float *W, const float *gelu_in, size_t M, size_t in, size_t out);
 
 void colsum_accumulate(float *out, const float *x, size_t M, size_t C);
 
@@ -39,18 +63,24 @@ void silu_forward(float *out, const float *x, size_t n);
 void silu_backward(float *dx, const float *x, const float *dout, size_t n);
 
 /* Dropout with a counter-based RNG: element i of site s is kept iff
- * hash(seed, s, i) >= p*2^32; the mask does not depend on the thread count. */
+ * hash(seed, s, base + i) >= p*2^32; the mask does not depend on the thread count, and
+ * a shard of a batch (base = its first element's index in the whole batch) gets the
+ * whole batch's mask. */
 int dropout_keep(uint64_t seed, uint64_t site, size_t i, uint32_t threshold);
 uint32_t dropout_threshold(float p);
-void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site);
+void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site, size_t base);
 
 /* Multi-head softmax attention without mask on qkv[B,L,3H] (q|k|v per row).
- * att[B,A,L,L] receives the softmax probabilities (before dropout). */
+ * att[B,A,L,L] receives the softmax probabilities (before dropout); their dropout
+ * mask starts at element `base` of the site's stream. scratch holds
+ * attention_scratch_floats(L, H, A) floats for each of at most `threads` threads. */
+size_t attention_scratch_floats(size_t L, size_t H, size_t A);
 void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_t L,
-                       size_t H, size_t A, float p, uint64_t seed, uint64_t site);
+                       size_t H, size_t A, float p, uint64_t seed, uint64_t site,
+                       size_t base, float *scratch, int threads);
 void attention_backward(float *dqkv, const float *dctx, const float *att, const float *qkv,
                         size_t B, size_t L, size_t H, size_t A, float p, uint64_t seed,
-                        uint64_t site);
+                        uint64_t site, size_t base, float *scratch, int threads);
 
 /* out[B,D] = [cos(t f_k), sin(t f_k)], f_k = exp(-ln(10000) k / (D/2)); zero pad if D odd */
 void timestep_embedding(float *out, const float *t, size_t B, size_t D);

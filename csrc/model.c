@@ -1,5 +1,6 @@
 /* DiffuSeq TransformerNetModel forward and backward (SPEC §3). */
 #include "model.h"
+#include "amx.h"
 #include "kernels.h"
 
 /* Dropout sites: 0 after the embedding LayerNorm, then three per layer. */
@@ -136,6 +137,8 @@ int model_reserve(Model *m, size_t B, size_t L, const char **err) {
     size_t big = F > 3 * H ? F : 3 * H;
     size_t o_g1 = take(&c, M, H), o_g2 = take(&c, M, H), o_gb = take(&c, M, big),
            o_gq = take(&c, M, 3 * H), o_gt = take(&c, B, 4 * d->Dt + H);
+    int att_threads = dl_max_threads();
+    size_t o_as = take(&c, (size_t)att_threads, attention_scratch_floats(L, H, d->A));
     if (c.overflow) {
         free(lo);
         *err = "batch too large: activation sizes overflow";
@@ -201,6 +204,8 @@ int model_reserve(Model *m, size_t B, size_t L, const char **err) {
     a.gbig = w + o_gb;
     a.gqkv = w + o_gq;
     a.gtemb = w + o_gt;
+    a.att_scratch = w + o_as;
+    a.att_threads = att_threads;
     m->act = a;
     return 0;
 }
@@ -274,6 +279,9 @@ void model_init_params(Model *m, uint64_t seed) {
 }
 
 void model_free(Model *m) {
+    free(m->bf16_w);
+    free(m->bf16_x);
+    free(m->bf16_offsets);
     free(m->params);
     free(m->grads);
     free(m->work);
@@ -282,45 +290,149 @@ void model_free(Model *m) {
     memset(m, 0, sizeof(*m));
 }
 
-static void layer_forward(Model *m, size_t l, const float *x_in, float p, uint64_t seed) {
+/* Every linear weight of the forward: offset in the parameters, out and in sizes, in
+ * a fixed order. Returns the count; fills the arrays when they are not NULL. */
+static size_t linear_weights(const Model *m, size_t *off, size_t *out, size_t *in) {
+    const ModelDims *d = &m->d;
+    const ParamLayout *L = &m->lay;
+    size_t n = 0, E = d->E, H = d->H, F = d->F, T4 = 4 * d->Dt;
+#define ADD(o, rows, cols)              \
+    do {                                \
+        if (off) off[n] = (o);          \
+        if (out) out[n] = (rows);       \
+        if (in) in[n] = (cols);         \
+        n++;                            \
+    } while (0)
+    ADD(L->te0_w, T4, d->Dt);
+    ADD(L->te2_w, H, T4);
+    if (E != H) {
+        ADD(L->up0_w, H, E);
+        ADD(L->up2_w, H, H);
+        ADD(L->down0_w, H, H);
+        ADD(L->down2_w, E, H);
+    }
+    for (size_t l = 0; l < d->N; l++) {
+        ADD(L->layers[l].qkv_w, 3 * H, H);
+        ADD(L->layers[l].ao_w, H, H);
+        ADD(L->layers[l].fi_w, F, H);
+        ADD(L->layers[l].fo_w, H, F);
+    }
+#undef ADD
+    return n;
+}
+
+/* Position-weighted sum of the parameter bits: any single changed value changes it. */
+static uint64_t params_hash(const Model *m) {
+    const uint32_t *w = (const uint32_t *)m->params;
+    size_t n = m->lay.total;
+    uint64_t h = 0;
+#pragma omp parallel for simd reduction(+ : h) schedule(static) if (n > DL_PAR_MIN)
+    for (size_t i = 0; i < n; i++) h += (uint64_t)w[i] * (2 * (uint64_t)i + 1);
+    return h;
+}
+
+int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err) {
+    if (!amx_available()) {
+        *err = "bf16 inference needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later) "
+               "and a kernel that grants AMX state";
+        return -1;
+    }
+    size_t n = linear_weights(m, NULL, NULL, NULL);
+    size_t off[n], out[n], in[n], need_x = 0, need_w = 0;
+    linear_weights(m, off, out, in);
+    for (size_t i = 0; i < n; i++) {
+        size_t x = amx_input_size(B * L, in[i]);
+        need_x = x > need_x ? x : need_x;
+        need_w += amx_packed_weight_size(out[i], in[i]);
+    }
+    if (need_x > m->bf16_x_size) {
+        uint16_t *x = malloc(need_x * sizeof(uint16_t));
+        if (!x) {
+            *err = "out of memory for the bf16 input buffer";
+            return -1;
+        }
+        free(m->bf16_x);
+        m->bf16_x = x;
+        m->bf16_x_size = need_x;
+    }
+    uint64_t h = params_hash(m);
+    if (m->bf16_w && h == m->bf16_hash) return 0;
+    if (!m->bf16_w) {
+        m->bf16_w = malloc(need_w * sizeof(uint16_t));
+        m->bf16_offsets = malloc(n * sizeof(size_t));
+        if (!m->bf16_w || !m->bf16_offsets) {
+            free(m->bf16_w);
+            free(m->bf16_offsets);
+            m->bf16_w = NULL;
+            m->bf16_offsets = NULL;
+            *err = "out of memory for the bf16 weights";
+            return -1;
+        }
+    }
+    for (size_t i = 0, pos = 0; i < n; i++) {
+        m->bf16_offsets[i] = pos;
+        amx_pack_weight(m->bf16_w + pos, m->params + off[i], out[i], in[i]);
+        pos += amx_packed_weight_size(out[i], in[i]);
+    }
+    m->bf16_hash = h;
+    return 0;
+}
+
+/* y = x W^T + b (and act = gelu(y) when act is not NULL), in bf16 when asked. */
+static void layer_linear(Model *m, int bf16, float *y, float *act, const float *x, size_t w,
+                         size_t b, size_t M, size_t in, size_t out) {
+    const float *P = m->params;
+    Epilogue e = {act ? EPI_BIAS_GELU : EPI_BIAS, P + b, act, NULL};
+    if (!bf16) {
+        matmul_epilogue(0, 1, M, out, in, 1.0f, x, in, P + w, in, 0.0f, y, out, &e);
+        return;
+    }
+    size_t n = linear_weights(m, NULL, NULL, NULL), off[n], i = 0;
+    linear_weights(m, off, NULL, NULL);
+    while (off[i] != w) i++;
+    amx_linear(y, x, m->bf16_w + m->bf16_offsets[i], &e, M, in, out, m->bf16_x);
+}
+
+static void layer_forward(Model *m, size_t l, const float *x_in, float p, uint64_t seed, int bf16) {
     const ModelDims *d = &m->d;
     const LayerParams *lp = &m->lay.layers[l];
     LayerActs *a = &m->act.layers[l];
     const float *P = m->params;
     size_t B = m->act.B, L = m->act.L, M = B * L, H = d->H, F = d->F;
-    linear_forward(a->qkv, x_in, P + lp->qkv_w, P + lp->qkv_b, M, H, 3 * H);
-    attention_forward(a->ctx, a->att, a->qkv, B, L, H, d->A, p, seed, SITE_ATT(l));
-    linear_forward(a->res1, a->ctx, P + lp->ao_w, P + lp->ao_b, M, H, H);
-    dropout_apply(a->res1, M * H, p, seed, SITE_AO(l));
+    layer_linear(m, bf16, a->qkv, NULL, x_in, lp->qkv_w, lp->qkv_b, M, H, 3 * H);
+    attention_forward(a->ctx, a->att, a->qkv, B, L, H, d->A, p, seed, SITE_ATT(l),
+                      m->last_row0 * d->A * L * L, m->act.att_scratch, m->act.att_threads);
+    layer_linear(m, bf16, a->res1, NULL, a->ctx, lp->ao_w, lp->ao_b, M, H, H);
+    dropout_apply(a->res1, M * H, p, seed, SITE_AO(l), m->last_row0 * L * H);
     layernorm_forward(a->ln1, a->res1, a->mean1, a->rstd1, a->res1, x_in, P + lp->ln1_w,
                       P + lp->ln1_b, M, H, d->ln_eps);
-    linear_forward(a->ff_pre, a->ln1, P + lp->fi_w, P + lp->fi_b, M, H, F);
-    gelu_forward(a->ff_act, a->ff_pre, M * F);
-    linear_forward(a->res2, a->ff_act, P + lp->fo_w, P + lp->fo_b, M, F, H);
-    dropout_apply(a->res2, M * H, p, seed, SITE_FO(l));
+    layer_linear(m, bf16, a->ff_pre, a->ff_act, a->ln1, lp->fi_w, lp->fi_b, M, H, F);
+    layer_linear(m, bf16, a->res2, NULL, a->ff_act, lp->fo_w, lp->fo_b, M, F, H);
+    dropout_apply(a->res2, M * H, p, seed, SITE_FO(l), m->last_row0 * L * H);
     layernorm_forward(a->ln2, a->res2, a->mean2, a->rstd2, a->res2, a->ln1, P + lp->ln2_w,
                       P + lp->ln2_b, M, H, d->ln_eps);
 }
 
 void model_forward(Model *m, const float *x, const float *t, float *y, size_t B, size_t L,
-                   int train, uint64_t seed) {
+                   int train, uint64_t seed, size_t row0, int bf16) {
     const ModelDims *d = &m->d;
     const ParamLayout *lay = &m->lay;
     Activations *a = &m->act;
     const float *P = m->params;
     size_t M = B * L, E = d->E, H = d->H, T4 = 4 * d->Dt;
     float p = train ? d->dropout : 0.0f;
+    m->last_row0 = row0; /* read by the dropout calls of forward and backward */
 
     memcpy(a->x, x, M * E * sizeof(float));
     timestep_embedding(a->tsin, t, B, d->Dt);
-    linear_forward(a->te_pre, a->tsin, P + lay->te0_w, P + lay->te0_b, B, d->Dt, T4);
+    layer_linear(m, bf16, a->te_pre, NULL, a->tsin, lay->te0_w, lay->te0_b, B, d->Dt, T4);
     silu_forward(a->te_act, a->te_pre, B * T4);
-    linear_forward(a->temb, a->te_act, P + lay->te2_w, P + lay->te2_b, B, T4, H);
+    layer_linear(m, bf16, a->temb, NULL, a->te_act, lay->te2_w, lay->te2_b, B, T4, H);
     const float *up = a->x;
     if (E != H) {
-        linear_forward(a->up_pre, a->x, P + lay->up0_w, P + lay->up0_b, M, E, H);
+        layer_linear(m, bf16, a->up_pre, NULL, a->x, lay->up0_w, lay->up0_b, M, E, H);
         tanh_forward(a->up_act, a->up_pre, M * H);
-        linear_forward(a->up, a->up_act, P + lay->up2_w, P + lay->up2_b, M, H, H);
+        layer_linear(m, bf16, a->up, NULL, a->up_act, lay->up2_w, lay->up2_b, M, H, H);
         up = a->up;
     }
     const float *pos = P + lay->pos;
@@ -333,22 +445,23 @@ void model_forward(Model *m, const float *x, const float *t, float *y, size_t B,
     }
     layernorm_forward(a->h0, a->emb_res, a->mean0, a->rstd0, a->emb_res, NULL, P + lay->ln_w,
                       P + lay->ln_b, M, H, d->ln_eps);
-    dropout_apply(a->h0, M * H, p, seed, SITE_EMB);
+    dropout_apply(a->h0, M * H, p, seed, SITE_EMB, m->last_row0 * L * H);
     const float *h = a->h0;
     for (size_t l = 0; l < d->N; l++) {
-        layer_forward(m, l, h, p, seed);
+        layer_forward(m, l, h, p, seed, bf16);
         h = a->layers[l].ln2;
     }
     if (E != H) {
-        linear_forward(a->down_pre, h, P + lay->down0_w, P + lay->down0_b, M, H, H);
+        layer_linear(m, bf16, a->down_pre, NULL, h, lay->down0_w, lay->down0_b, M, H, H);
         tanh_forward(a->down_act, a->down_pre, M * H);
-        linear_forward(y, a->down_act, P + lay->down2_w, P + lay->down2_b, M, H, E);
+        layer_linear(m, bf16, y, NULL, a->down_act, lay->down2_w, lay->down2_b, M, H, E);
     } else {
         memcpy(y, h, M * H * sizeof(float));
     }
     m->has_forward = 1;
     m->last_train = train;
     m->last_seed = seed;
+    m->last_bf16 = bf16;
 }
 
 const float *model_hidden(const Model *m) { return m->act.layers[m->d.N - 1].ln2; }
@@ -370,12 +483,11 @@ static void layer_backward(Model *m, size_t l, const float *x_in, float p, uint6
     const float *dfo = a->g2;
     if (p > 0.0f) {
         memcpy(a->g1, a->g2, M * H * sizeof(float));
-        dropout_apply(a->g1, M * H, p, seed, SITE_FO(l));
+        dropout_apply(a->g1, M * H, p, seed, SITE_FO(l), m->last_row0 * L * H);
         dfo = a->g1;
     }
-    linear_backward(a->gbig, GRAD(lp->fo_w), GRAD(lp->fo_b), dfo, la->ff_act, P + lp->fo_w, M, F,
-                    H, 0);
-    gelu_backward(a->gbig, la->ff_pre, a->gbig, M * F);
+    linear_backward_gelu(a->gbig, GRAD(lp->fo_w), GRAD(lp->fo_b), dfo, la->ff_act, P + lp->fo_w,
+                         la->ff_pre, M, F, H);
     linear_backward(a->g2, GRAD(lp->fi_w), GRAD(lp->fi_b), a->gbig, la->ln1, P + lp->fi_w, M, H,
                     F, 1);
     layernorm_backward(a->g1, GRAD(lp->ln1_w), GRAD(lp->ln1_b), a->g2, la->res1, la->mean1,
@@ -383,12 +495,13 @@ static void layer_backward(Model *m, size_t l, const float *x_in, float p, uint6
     const float *dao = a->g1;
     if (p > 0.0f) {
         memcpy(a->g2, a->g1, M * H * sizeof(float));
-        dropout_apply(a->g2, M * H, p, seed, SITE_AO(l));
+        dropout_apply(a->g2, M * H, p, seed, SITE_AO(l), m->last_row0 * L * H);
         dao = a->g2;
     }
     linear_backward(a->gbig, GRAD(lp->ao_w), GRAD(lp->ao_b), dao, la->ctx, P + lp->ao_w, M, H, H,
                     0);
-    attention_backward(a->gqkv, a->gbig, la->att, la->qkv, B, L, H, d->A, p, seed, SITE_ATT(l));
+    attention_backward(a->gqkv, a->gbig, la->att, la->qkv, B, L, H, d->A, p, seed, SITE_ATT(l),
+                       m->last_row0 * d->A * L * L, a->att_scratch, a->att_threads);
     linear_backward(a->g1, GRAD(lp->qkv_w), GRAD(lp->qkv_b), a->gqkv, x_in, P + lp->qkv_w, M, H,
                     3 * H, 1);
 }
@@ -421,7 +534,7 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
         const float *x_in = l ? a->layers[l - 1].ln2 : a->h0;
         layer_backward(m, l, x_in, p, seed, pg);
     }
-    dropout_apply(a->g1, M * H, p, seed, SITE_EMB);
+    dropout_apply(a->g1, M * H, p, seed, SITE_EMB, m->last_row0 * L * H);
     layernorm_backward(a->g2, GRAD(lay->ln_w), GRAD(lay->ln_b), a->g1, a->emb_res, a->mean0,
                        a->rstd0, P + lay->ln_w, M, H);
     if (pg) {

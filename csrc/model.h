@@ -41,6 +41,8 @@ typedef struct {
     float *down_pre, *down_act;
     /* backward scratch */
     float *g1, *g2, *gbig, *gqkv, *gtemb;
+    float *att_scratch; /* attention_scratch_floats() for each of att_threads threads */
+    int att_threads;
 } Activations;
 
 typedef struct {
@@ -50,8 +52,14 @@ typedef struct {
     float *work; /* one buffer for all activations */
     size_t work_floats;
     Activations act;
-    int has_forward, last_train;
+    int has_forward, last_train, last_bf16;
     uint64_t last_seed;
+    size_t last_row0;
+    /* bf16 inference copy of the linear weights (amx.h): packed on the first bf16
+     * forward and again whenever the parameters' hash has changed since */
+    uint16_t *bf16_w, *bf16_x;
+    size_t bf16_x_size, *bf16_offsets; /* bf16_offsets[i]: packed offset of linear weight i */
+    uint64_t bf16_hash;
 } Model;
 
 /* 0 on success; -1 with *err set (static string) on invalid dims or overflow. */
@@ -61,9 +69,16 @@ int model_reserve(Model *m, size_t B, size_t L, const char **err);
 void model_init_params(Model *m, uint64_t seed);
 void model_free(Model *m);
 
-/* x[B,L,E], t[B] (model-scale timesteps), y[B,L,E] */
+/* Before a bf16 forward of batch B x L: checks AMX, (re)packs the weights if they
+ * changed, sizes the input buffer. 0 or -1 with *err set. */
+int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err);
+
+/* x[B,L,E], t[B] (model-scale timesteps), y[B,L,E]. The rows are rows row0.. of a
+ * larger batch as far as dropout masks go (data-parallel shards get the whole batch's
+ * masks). With bf16 (inference only, after model_prepare_bf16) the linear layers run
+ * in bf16 on AMX. */
 void model_forward(Model *m, const float *x, const float *t, float *y, size_t B, size_t L,
-                   int train, uint64_t seed);
+                   int train, uint64_t seed, size_t row0, int bf16);
 /* dy[B,L,E], dhidden[B,L,H] or NULL, dx[B,L,E] or NULL; accumulates into m->grads
  * when param_grads. Uses the activations of the last forward. */
 void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int param_grads);

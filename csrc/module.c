@@ -5,6 +5,7 @@
 #include "glue.h"
 
 #include "kernels.h"
+#include "amx.h"
 #include "model.h"
 
 #ifndef DLMONE_CFLAGS
@@ -164,12 +165,21 @@ fail:
 }
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "t", "train", "seed", NULL};
+    static char *kwlist[] = {"x", "t", "train", "seed", "bf16", "row_offset", NULL};
     PyObject *xo, *to;
-    int train = 0;
+    int train = 0, bf16 = 0;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pK", kwlist, &xo, &to, &train, &seed))
+    Py_ssize_t row0 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pKpn", kwlist, &xo, &to, &train, &seed, &bf16, &row0))
         return NULL;
+    if (row0 < 0 || (size_t)row0 > ((size_t)1 << 40)) {
+        PyErr_Format(PyExc_ValueError, "row_offset must be in [0, 2^40], got %zd", row0);
+        return NULL;
+    }
+    if (bf16 && train) {
+        PyErr_SetString(PyExc_ValueError, "bf16 is for inference only: train must be False");
+        return NULL;
+    }
     const ModelDims *d = &self->m.d;
     npy_intp xs[3] = {-1, -1, (npy_intp)d->E};
     PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, 3, xs, 0);
@@ -197,9 +207,19 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
         Py_XDECREF(y);
         return NULL;
     }
+    int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    model_forward(&self->m, fdata(x), fdata(t), fdata((PyArrayObject *)y), B, L, train, seed);
+    failed = bf16 && model_prepare_bf16(&self->m, B, L, &err);
+    if (!failed)
+        model_forward(&self->m, fdata(x), fdata(t), fdata((PyArrayObject *)y), B, L, train, seed,
+                      (size_t)row0, bf16);
     Py_END_ALLOW_THREADS
+    if (failed) {
+        self->busy = 0;
+        Py_DECREF(y);
+        PyErr_SetString(PyExc_RuntimeError, err);
+        return NULL;
+    }
     self->busy = 0;
     return y;
 }
@@ -211,6 +231,10 @@ static PyObject *Model_backward(ModelObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Op", kwlist, &go, &gho, &pg)) return NULL;
     if (!self->m.has_forward) {
         PyErr_SetString(PyExc_RuntimeError, "backward() called before forward()");
+        return NULL;
+    }
+    if (self->m.last_bf16) {
+        PyErr_SetString(PyExc_RuntimeError, "backward() after a bf16 forward: gradients need a float32 forward");
         return NULL;
     }
     const Activations *a = &self->m.act;
@@ -406,10 +430,11 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     PyObject *omp = Py_False;
 #endif
     char *cfg = scipy_openblas_get_config();
-    return Py_BuildValue("{s:O,s:s,s:s,s:s,s:i,s:s}", "openmp", omp, "blas",
+    return Py_BuildValue("{s:O,s:s,s:s,s:s,s:i,s:s,s:O}", "openmp", omp, "blas",
                          "scipy-openblas32 (single-threaded inside dlmone; OpenMP splits products)",
                          "blas_config", cfg ? cfg : "", "blas_core", scipy_openblas_get_corename(),
-                         "threads", dl_max_threads(), "cflags", DLMONE_CFLAGS);
+                         "threads", dl_max_threads(), "cflags", DLMONE_CFLAGS, "amx_bf16",
+                         amx_available() ? Py_True : Py_False);
 }
 
 static PyMethodDef module_methods[] = {

@@ -107,8 +107,15 @@ static PyObject *py_attention(PyObject *mod, PyObject *args) {
         Py_XDECREF(ctx); Py_XDECREF(att);
         return NULL;
     }
+    int threads = dl_max_threads();
+    float *scratch = malloc((size_t)threads * attention_scratch_floats((size_t)L, (size_t)(H3 / 3), (size_t)A) * sizeof(float));
+    if (!scratch) {
+        Py_DECREF(ctx); Py_DECREF(att);
+        return PyErr_NoMemory();
+    }
     attention_forward(fdata((PyArrayObject *)ctx), fdata((PyArrayObject *)att), fdata(q), (size_t)B,
-                      (size_t)L, (size_t)(H3 / 3), (size_t)A, p, seed, 0);
+                      (size_t)L, (size_t)(H3 / 3), (size_t)A, p, seed, 0, 0, scratch, threads);
+    free(scratch);
     return Py_BuildValue("(NN)", ctx, att);
 }
 
@@ -128,8 +135,15 @@ static PyObject *py_attention_backward(PyObject *mod, PyObject *args) {
     if (!a) return NULL;
     PyObject *dq = new_float_array(3, PyArray_DIMS(q));
     if (!dq) return NULL;
+    int threads = dl_max_threads();
+    float *scratch = malloc((size_t)threads * attention_scratch_floats((size_t)L, (size_t)(H3 / 3), (size_t)A) * sizeof(float));
+    if (!scratch) {
+        Py_DECREF(dq);
+        return PyErr_NoMemory();
+    }
     attention_backward(fdata((PyArrayObject *)dq), fdata(g), fdata(a), fdata(q), (size_t)B, (size_t)L,
-                       (size_t)(H3 / 3), (size_t)A, p, seed, 0);
+                       (size_t)(H3 / 3), (size_t)A, p, seed, 0, 0, scratch, threads);
+    free(scratch);
     return dq;
 }
 
@@ -147,7 +161,61 @@ static PyObject *py_timestep_embedding(PyObject *mod, PyObject *args) {
     return out;
 }
 
+/* linear(x[M,K], W[N,K], b[N] or None) -> x W^T + b: the product every model layer uses
+ * (fixed blocks over OpenMP threads, single-threaded sgemm per block). */
+static PyObject *py_linear(PyObject *mod, PyObject *args) {
+    PyObject *xo, *wo, *bo = Py_None;
+    if (!PyArg_ParseTuple(args, "OO|O", &xo, &wo, &bo)) return NULL;
+    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, 2, NULL, 0);
+    if (!x) return NULL;
+    npy_intp M = PyArray_DIM(x, 0), K = PyArray_DIM(x, 1), ws[2] = {-1, K};
+    PyArrayObject *w = check_array(wo, "weight", NPY_FLOAT32, 2, ws, 0);
+    if (!w) return NULL;
+    npy_intp N = PyArray_DIM(w, 0), bs[1] = {N}, ys[2] = {M, N};
+    PyArrayObject *b = NULL;
+    if (bo != Py_None && !(b = check_array(bo, "bias", NPY_FLOAT32, 1, bs, 0))) return NULL;
+    PyObject *y = new_float_array(2, ys);
+    if (!y) return NULL;
+    float *yd = fdata((PyArrayObject *)y);
+    const float *xd = fdata(x), *wd = fdata(w), *bd = b ? fdata(b) : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    linear_forward(yd, xd, wd, bd, (size_t)M, (size_t)K, (size_t)N);
+    Py_END_ALLOW_THREADS
+    return y;
+}
+
+static PyObject *py_set_profiling(PyObject *mod, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    dl_profile_on = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_profile(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &reset)) return NULL;
+    uint64_t calls[DL_K_COUNT], ns[DL_K_COUNT];
+    dl_profile_read(calls, ns, reset);
+    PyObject *d = PyDict_New();
+    for (int k = 0; d && k < DL_K_COUNT; k++) {
+        if (!calls[k]) continue;
+        PyObject *v = Py_BuildValue("(Kd)", (unsigned long long)calls[k], (double)ns[k] * 1e-9);
+        if (!v || PyDict_SetItemString(d, dl_kernel_names[k], v) < 0) {
+            Py_XDECREF(v);
+            Py_CLEAR(d);
+            break;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
 PyMethodDef kernel_methods[] = {
+    {"linear", py_linear, METH_VARARGS, "linear(x[M,K], weight[N,K], bias[N]=None) -> x weight^T + bias"},
+    {"set_profiling", py_set_profiling, METH_VARARGS, "set_profiling(on): per-kernel timers on/off"},
+    {"profile", (PyCFunction)(void (*)(void))py_profile, METH_VARARGS | METH_KEYWORDS,
+     "profile(reset=False) -> {kernel: (calls, seconds)} since the last reset"},
     {"elementwise", py_elementwise, METH_VARARGS,
      "elementwise(op, x): exp, erf (the vectorised versions), tanh, gelu, silu, gelu_grad, silu_grad"},
     {"layernorm", py_layernorm, METH_VARARGS, "layernorm(x[M,C], w, b, eps) -> (y, mean, rstd)"},

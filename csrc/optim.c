@@ -5,6 +5,7 @@
 
 void adamw_step(float *p, const float *g, float *m, float *v, size_t n, float lr, float beta1,
                 float beta2, float eps, float weight_decay, long step) {
+    DL_PROFILE_BEGIN;
     float bc1 = 1.0f - powf(beta1, (float)step);
     float bc2_sqrt = sqrtf(1.0f - powf(beta2, (float)step));
     float step_size = lr / bc1, decay = 1.0f - lr * weight_decay;
@@ -17,11 +18,14 @@ void adamw_step(float *p, const float *g, float *m, float *v, size_t n, float lr
         v[i] = vi;
         p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
     }
+    DL_PROFILE_END(DL_K_OPTIMIZER);
 }
 
 void clip_by_value(float *g, size_t n, float c) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) g[i] = g[i] > c ? c : (g[i] < -c ? -c : g[i]);
+    DL_PROFILE_END(DL_K_OPTIMIZER);
 }
 
 double global_norm(const float *g, size_t n) {
@@ -42,13 +46,17 @@ double global_norm(const float *g, size_t n) {
 }
 
 void scale_inplace(float *g, size_t n, float s) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) g[i] *= s;
+    DL_PROFILE_END(DL_K_OPTIMIZER);
 }
 
 void ema_update(float *ema, const float *p, size_t n, float decay) {
+    DL_PROFILE_BEGIN;
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) ema[i] = decay * ema[i] + (1.0f - decay) * p[i];
+    DL_PROFILE_END(DL_K_OPTIMIZER);
 }
 
 size_t count_nonfinite(const float *x, size_t n) {

@@ -122,3 +122,57 @@ def test_kernel_entry_points_reject_bad_input():
         _core.attention(np.zeros((1, 2, 9), np.float32), 2)
     with pytest.raises(ValueError, match="dim"):
         _core.timestep_embedding(np.zeros(2, np.float32), 1)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 33, 5), (300, 64, 700), (2048, 128, 384),
+                                   (384, 2048, 128), (65, 1000, 97)])
+def test_linear_matches_numpy_and_is_thread_independent(M, K, N):
+    """The tiled product (its tile plan depends on the shape only) against float64,
+    and bitwise the same for 1 and 2 threads."""
+    import dlmone
+
+    rng = np.random.default_rng(M * 7 + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    before = dlmone.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            dlmone.set_num_threads(threads)
+            outs.append(_core.linear(x, w, b))
+    finally:
+        dlmone.set_num_threads(before)
+    assert np.array_equal(outs[0], outs[1])
+    assert np.abs(outs[0] - ref).max() < 1e-5 * np.sqrt(K) * np.abs(ref).max() + 1e-6
+    assert np.allclose(_core.linear(x, w), ref - b, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+def test_linear_bad_input():
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        _core.linear(x, np.ones((5, 3), np.float32))
+    with pytest.raises(ValueError, match="bias"):
+        _core.linear(x, np.ones((5, 4), np.float32), np.ones(4, np.float32))
+    with pytest.raises(TypeError):
+        _core.linear(x.astype(np.float64), np.ones((5, 4), np.float32))
+
+
+def test_profile_counts_kernel_calls():
+    x = np.ones((64, 32), np.float32)
+    w = np.ones((16, 32), np.float32)
+    _core.set_profiling(True)
+    try:
+        _core.profile(reset=True)
+        for _ in range(3):
+            _core.linear(x, w)
+        _core.layernorm(x, np.ones(32, np.float32), np.zeros(32, np.float32), 1e-5)
+        prof = _core.profile(reset=True)
+    finally:
+        _core.set_profiling(False)
+    assert prof["matmul"][0] == 3 and prof["matmul"][1] > 0
+    assert prof["layernorm"][0] == 1
+    assert _core.profile() == {}
+    _core.linear(x, w)  # timers off: nothing recorded
+    assert _core.profile() == {}

@@ -930,3 +930,78 @@ def test_nan_input_propagates_to_output(tiny_cfg, rng):
     x[1, 3, 0] = np.nan
     y = m.forward(x, np.array([5, 5]))
     assert np.isfinite(y[0]).all() and np.isnan(y[1]).any()
+
+
+def _amx():
+    import dlmone
+
+    if not dlmone.build_info()["amx_bf16"]:
+        pytest.skip("no AMX-BF16 on this CPU or build")
+
+
+@pytest.mark.parametrize("kw", [TINY, TINY_SAME], ids=["proj", "same"])
+def test_bf16_inference_close_to_float32(kw, rng):
+    import dlmone
+
+    _amx()
+    cfg = dlmone.ModelConfig(**kw)
+    m = dlmone.DiffusionTransformer(cfg, seed=3)
+    x, t = _inputs(cfg, rng, 5, cfg.seq_len)
+    y32 = m.forward(x, t)
+    m.inference_precision = "bf16"
+    y16 = m.forward(x, t)
+    assert not np.array_equal(y16, y32)  # really ran in bf16
+    assert np.abs(y16 - y32).max() < 2e-2 * np.abs(y32).max()
+    # the bf16 copy follows parameter changes (here: an optimiser-like in-place update)
+    m.params[m.layout["input_transformers.layer.0.intermediate.dense.weight"][0]] += 1.0
+    y16b = m.forward(x, t)
+    m.inference_precision = "float32"
+    y32b = m.forward(x, t)
+    assert not np.array_equal(y32b, y32)
+    assert np.abs(y16b - y32b).max() < 2e-2 * np.abs(y32b).max()
+
+
+def test_bf16_is_inference_only(tiny_cfg, rng):
+    import dlmone
+
+    _amx()
+    m = dlmone.DiffusionTransformer(tiny_cfg)
+    x, t = _inputs(tiny_cfg, rng, 2, tiny_cfg.seq_len)
+    m.inference_precision = "bf16"
+    m.forward(x, t, train=True)  # training forwards stay float32
+    m.backward(np.ones_like(x))
+    m.forward(x, t)
+    with pytest.raises(RuntimeError, match="bf16"):
+        m.backward(np.ones_like(x))
+    with pytest.raises(ValueError, match="inference only"):
+        m._core.forward(x, m.scale_timesteps(t, 2), True, 0, True)
+    with pytest.raises(ValueError, match="inference_precision"):
+        m.inference_precision = "fp8"
+
+
+def test_row_offset_gives_shards_the_whole_batch_dropout(rng):
+    """Two halves of a batch, each told its row offset, get the whole batch's dropout
+    masks: the same outputs and input gradients, and parameter gradients that sum to
+    the whole batch's."""
+    import dlmone
+
+    cfg = dlmone.ModelConfig(**dict(TINY, dropout=0.3))
+    m = dlmone.DiffusionTransformer(cfg, seed=1)
+    x, t = _inputs(cfg, rng, 4, cfg.seq_len)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    y = m.forward(x, t, train=True, seed=77)
+    dx = m.backward(gy)
+    whole = m.grad_buffer.copy()
+    parts, dxs = [], []
+    for lo, hi in ((0, 2), (2, 4)):
+        m.zero_grad()
+        parts.append(m.forward(x[lo:hi], t[lo:hi], train=True, seed=77, row_offset=lo))
+        dxs.append(m.backward(gy[lo:hi]))
+        whole -= m.grad_buffer
+    assert np.array_equal(np.concatenate(parts), y)
+    assert np.array_equal(np.concatenate(dxs), dx)
+    assert np.abs(whole).max() < 1e-5
+    # without the offset the second half would reuse the first rows' masks
+    assert not np.array_equal(m.forward(x[2:], t[2:], train=True, seed=77), y[2:])
+    with pytest.raises(ValueError, match="row_offset"):
+        m.forward(x, t, train=True, seed=77, row_offset=-1)
