@@ -121,8 +121,8 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     (:mod:`dlmone.distributed`): they get the noise they get in the whole batch, and
     the loss terms and gradient are their share of the batch means (divided by the whole
     batch size), so the shares of disjoint rows add up to the whole batch's values.
-    ``per_example`` then holds those rows only. Dropout masks are drawn per forward call,
-    so rows not starting at 0 get masks of their own (identical only with dropout 0).
+    ``per_example`` then holds those rows only; dropout masks too are those of the whole
+    batch (``DiffusionTransformer.forward(row_offset=...)``).
     """
     tokens = as_tokens(tokens)
     B, L = tokens.shape
@@ -142,8 +142,7 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     x0 = x0_mean + np.float32(diffusion.sqrt_one_minus_alphas_cumprod[0]) * gaussian(
         (total, L, E), derive_seed(seed, 0))[rows]
     x_t = diffusion.q_sample(x0, t, gaussian((total, L, E), derive_seed(seed, 1))[rows], mask)
-    dropout_seed = derive_seed(seed, 2) if rows.start == 0 else derive_seed(seed, 2, rows.start)
-    pred = model.forward(x_t, t, train=train, seed=dropout_seed)
+    pred = model.forward(x_t, t, train=train, seed=derive_seed(seed, 2), row_offset=rows.start)
 
     at_zero = np.ascontiguousarray(t == 0)
     mse, grad_pred = _core.mse_loss(pred, x0, x0_mean, at_zero, w / np.float32(total))

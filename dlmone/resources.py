@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Mapping, Optional, Union
 
+from . import _core
 from .model import ModelConfig
 
 FLOAT = 4  # bytes of a float32
@@ -63,10 +64,11 @@ def format_bytes(n: int) -> str:
 
 
 def workspace_bytes(config: ModelConfig, batch: int, length: Optional[int] = None,
-                    backward: bool = True) -> int:
+                    backward: bool = True, threads: Optional[int] = None) -> int:
     """The activation workspace the C model allocates for a forward of [batch, length]
-    (``length`` defaults to ``config.seq_len``); ``backward=False``: only its forward
-    part, which is all that a model that never runs backward writes."""
+    (``length`` defaults to ``config.seq_len``) with ``threads`` OpenMP threads (default:
+    the current setting); ``backward=False``: only its forward part, which is all that a
+    model that never runs backward writes."""
     E, H, F, N, A, Dt = (config.emb_dim, config.hidden_dim, config.ffn_dim, config.num_layers,
                          config.num_heads, config.time_dim)
     B = batch
@@ -76,7 +78,8 @@ def workspace_bytes(config: ModelConfig, batch: int, length: Optional[int] = Non
     forward = (M * E + B * Dt + 2 * B * 4 * Dt + B * H  # x, time embedding
                + 2 * M * H + 2 * M                        # embedding LayerNorm
                + N * (M * (8 * H + 2 * F + 4) + B * A * L * L)  # encoder layers
-               + proj)
+               + proj
+               + (threads or _core.get_num_threads()) * 2 * L * L)  # attention scratch per thread
     scratch = 5 * M * H + M * max(F, 3 * H) + B * (4 * Dt + H)
     return FLOAT * (forward + (scratch if backward else 0))
 

@@ -94,10 +94,12 @@ def test_world_without_mpi4py_under_a_launcher_says_what_to_install(monkeypatch)
         distributed.world()
 
 
-def test_training_loss_shares_of_disjoint_rows_add_up_to_the_batch(rng):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_loss_shares_of_disjoint_rows_add_up_to_the_batch(rng, dropout):
+    """With dropout too: a shard's rows get the whole batch's masks (row_offset)."""
     from dlmone.diffusion import Diffusion, training_loss
 
-    cfg = make_config()
+    cfg = make_config(dropout=dropout)
     model = make_model(cfg, rng)
     diffusion = Diffusion(cfg.diffusion_steps)
     B, L = 6, cfg.seq_len
