@@ -14,16 +14,62 @@ static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alph
           (blasint)ldc);
 }
 
-/* Tiles of C: blocks of MM_ROW_BLOCK rows when there are at least two, else of
- * MM_COL_BLOCK columns, else one call. The plan depends on the shape only, never on
- * the thread count, so every C element is computed by the same sgemm call (bitwise
- * the same results) for 1 or many threads. */
-#define MM_ROW_BLOCK 256
-#define MM_COL_BLOCK 128
+/* How a product is split over threads; the plan depends on the shape only, never on
+ * the thread count, so every C element is computed by the same sgemm calls and summed
+ * in the same order (bitwise the same results) for 1 or many threads.
+ *  - small products (< MM_MIN_SPLIT multiply-adds): one call;
+ *  - K much longer than the output (the weight gradients dW = dy^T x, K = batch rows):
+ *    MM_PARTS chunks of K into separate buffers, then summed in chunk order;
+ *  - else MM_PARTS blocks of rows when M >= N (each re-packs the smaller B), else of
+ *    columns (each re-packs A). */
+#define MM_PARTS 4
+#define MM_MIN_SPLIT ((size_t)1 << 21)
 
-static void tile_plan(size_t M, size_t N, size_t *tm, size_t *tn) {
-    *tm = M >= 2 * MM_ROW_BLOCK ? MM_ROW_BLOCK : M;
-    *tn = *tm == M && N >= 2 * MM_COL_BLOCK ? MM_COL_BLOCK : N;
+typedef struct {
+    size_t tm, tn, tk; /* tile rows, columns, and K per chunk (tk < K: a K split) */
+} TilePlan;
+
+static size_t part_size(size_t n, size_t align) {
+    size_t p = (n + MM_PARTS - 1) / MM_PARTS;
+    return (p + align - 1) / align * align;
+}
+
+static TilePlan tile_plan(size_t M, size_t N, size_t K, int can_split_k) {
+    TilePlan t = {M, N, K};
+    if (M * N * K < MM_MIN_SPLIT) return t;
+    size_t big = M > N ? M : N;
+    if (can_split_k && K >= MM_PARTS * big) t.tk = part_size(K, 64);
+    else if (M >= N && M >= 64) t.tm = part_size(M, 32);
+    else if (N >= 64) t.tn = part_size(N, 64);
+    return t;
+}
+
+/* C = alpha op(A) op(B) + beta C as MM_PARTS products over chunks of K, each into its own
+ * buffer, summed in chunk order. Returns 0, or -1 when the buffers cannot be had. */
+static int matmul_split_k(int ta, int tb, size_t M, size_t N, size_t K, size_t tk, float alpha,
+                          const float *A, size_t lda, const float *B, size_t ldb, float beta,
+                          float *C, size_t ldc) {
+    size_t nk = (K + tk - 1) / tk;
+    float *part = malloc(nk * M * N * sizeof(float));
+    if (!part) return -1;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nk; c++) {
+        size_t k0 = c * tk, k1 = k0 + tk < K ? k0 + tk : K;
+        const float *Ac = ta ? A + k0 * lda : A + k0;
+        const float *Bc = tb ? B + k0 : B + k0 * ldb;
+        sgemm_block(ta, tb, M, N, k1 - k0, alpha, Ac, lda, Bc, ldb, 0.0f, part + c * M * N, N);
+    }
+#pragma omp parallel for schedule(static) if (M * N > DL_PAR_MIN)
+    for (size_t m = 0; m < M; m++) {
+        float *c = C + m * ldc;
+        for (size_t n = 0; n < N; n++) {
+            float s = part[m * N + n];
+            for (size_t k = 1; k < nk; k++) s += part[k * M * N + m * N + n];
+            c[n] = beta == 0.0f ? s : beta * c[n] + s;
+        }
+    }
+    free(part);
+    return 0;
 }
 
 static inline float gelu_grad(float x) {
@@ -67,8 +113,13 @@ void matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, 
                      const Epilogue *epi) {
     if (M == 0 || N == 0) return;
     DL_PROFILE_BEGIN;
-    size_t tm, tn;
-    tile_plan(M, N, &tm, &tn);
+    int plain = !epi || epi->kind == EPI_NONE;
+    TilePlan plan = tile_plan(M, N, K, plain);
+    if (plan.tk < K && matmul_split_k(ta, tb, M, N, K, plan.tk, alpha, A, lda, B, ldb, beta, C, ldc) == 0) {
+        DL_PROFILE_END(DL_K_MATMUL);
+        return;
+    }
+    size_t tm = plan.tm, tn = plan.tn;
     size_t mt = (M + tm - 1) / tm, nt = (N + tn - 1) / tn;
 #pragma omp parallel for schedule(static) if (mt * nt > 1)
     for (size_t tile = 0; tile < mt * nt; tile++) {
