@@ -46,6 +46,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to a temp file in the same folder, fsync it, rename it over ``path``.
     An OSError while writing (a full disk) is raised with ``path`` named, after removing
@@ -55,6 +69,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from others
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -86,6 +101,7 @@ def atomic_write_dir(target: PathLike, fill: Callable[[Path], None]) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from others
     old = target.with_name(target.name + ".old")
     try:
         try:

@@ -16,9 +16,9 @@ See :func:`build_example` for the truncation rule.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO, Protocol, Union
 
 import numpy as np
+
+from .checkpoint import atomic_write_bytes
 
 __all__ = [
     "Pair",
@@ -155,19 +157,13 @@ def write_jsonl(path: PathLike, pairs: Iterable[Pair]) -> Path:
     depend on the pairs only). Returns the path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as raw_file:
-            if path.suffix == ".gz":
-                with gzip.GzipFile(fileobj=raw_file, mode="wb", mtime=0) as gz_file:
-                    _write_pairs(gz_file, pairs)
-            else:
-                _write_pairs(raw_file, pairs)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    buffer = io.BytesIO()
+    if path.suffix == ".gz":
+        with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz_file:
+            _write_pairs(gz_file, pairs)
+    else:
+        _write_pairs(buffer, pairs)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

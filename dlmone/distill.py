@@ -437,7 +437,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     if comm.is_root and not (out / "best").exists():
         save_best()
     comm.barrier()  # rank 0 has written best/: every rank continues from it
-    del dist  # free the three networks and their optimisers before loading the best student
+    dist = None  # free the three networks and their optimisers before loading the best student
     return Student.load(out / "best"), best
 
 

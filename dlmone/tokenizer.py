@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Union
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
+
+from .checkpoint import atomic_write_bytes
 
 __all__ = [
     "PAD_TOKEN",
@@ -337,14 +338,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / VOCAB_FILENAME
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".vocab.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-                file.write("\n".join(self._tokens) + "\n")
-            os.replace(temporary, target)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        atomic_write_bytes(target, ("\n".join(self._tokens) + "\n").encode("utf-8"))
         return target
 
     # ------------------------------------------------------------- properties

@@ -375,3 +375,19 @@ def test_saved_checkpoint_folder_layout(run_dir):
     assert set(run) == {"config", "step", "opt_step", "rng", "guard"} and run["opt_step"] == 6
     for p in ck.iterdir():  # every file fsynced and fully written: loadable
         assert p.stat().st_size > 0
+
+
+def test_written_files_and_folders_follow_the_umask(tmp_path):
+    """Results are for others to read too: not mkstemp's 0600 / mkdtemp's 0700."""
+    import os
+
+    from dlmone.checkpoint import atomic_write_bytes, atomic_write_dir
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_bytes(tmp_path / "a.json", b"{}")
+        d = atomic_write_dir(tmp_path / "folder", lambda tmp: (tmp / "x.txt").write_text("x"))
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert d.stat().st_mode & 0o777 == 0o755
