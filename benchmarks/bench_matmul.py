@@ -3,13 +3,13 @@ at the shapes of the model's linear layers, the same threads on both sides; and 
 sgemm peak (numpy on a big square product) that the model-FLOP utilisation of
 bench_train.py is measured against.
 
-What is measured on the dlmone side. ``dlmone._core`` exposes no standalone matmul or
-linear. Every linear layer of the network runs ``linear_forward`` / ``linear_backward``
-of csrc/kernels.c (the products split in fixed 256-row or 128-column blocks over
-OpenMP threads, each block one single-threaded scipy-openblas32 sgemm). The only entry
-points that reach those two functions with a caller-chosen shape are the tied output
-head: ``Model.logits(h)`` = ``linear_forward`` (y = h·Wᵀ + b, bias written first, then
-the product accumulated onto it) and ``Model.logits_backward(h, g)`` =
+What is measured on the dlmone side. Every linear layer of the network runs the
+products of csrc/kernels.c (split over OpenMP threads by a plan fixed by the shape, each
+block one single-threaded scipy-openblas32 sgemm). ``dlmone._core.linear`` reaches only
+the forward product; the entry points that reach both the forward and the backward
+(``linear_forward`` / ``linear_backward``) with a caller-chosen shape are the tied output
+head: ``Model.logits(h)`` = ``linear_forward`` (y = h·Wᵀ, the bias added to each block
+right after its product) and ``Model.logits_backward(h, g)`` =
 ``linear_backward`` (dh = g·W, dW += gᵀ·h, db += column sums of g). A *probe* model whose
 vocabulary is N and embedding width K (hidden width 1, so its other tensors are a few
 floats) therefore runs exactly the kernel of a K→N linear layer of the network.

@@ -142,7 +142,7 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     x0 = x0_mean + np.float32(diffusion.sqrt_one_minus_alphas_cumprod[0]) * gaussian(
         (total, L, E), derive_seed(seed, 0))[rows]
     x_t = diffusion.q_sample(x0, t, gaussian((total, L, E), derive_seed(seed, 1))[rows], mask)
-    pred = model.forward(x_t, t, train=train, seed=derive_seed(seed, 2), row_offset=rows.start)
+    pred = model.forward(x_t, t, train=train, seed=derive_seed(seed, 2), row_offset=rows.indices(total)[0])
 
     at_zero = np.ascontiguousarray(t == 0)
     mse, grad_pred = _core.mse_loss(pred, x0, x0_mean, at_zero, w / np.float32(total))
