@@ -1,4 +1,5 @@
-"""Build dlmone._core: C sources in csrc/, CPython + NumPy C API, OpenMP, CBLAS.
+"""Build dlmone._core: pure C kernels in csrc/core/, the CPython + NumPy bindings in
+csrc/py/, OpenMP, CBLAS.
 
 Environment switches:
   DLMONE_PORTABLE=1   no -march=native (for wheels that run on any x86-64)
@@ -65,9 +66,9 @@ class BuildCore(build_ext):
 blas_lib_dir = scipy_openblas32.get_lib_dir()
 core = Extension(
     "dlmone._core",
-    sources=sorted(glob.glob("csrc/*.c")),
-    depends=sorted(glob.glob("csrc/*.h")),
-    include_dirs=[np.get_include(), scipy_openblas32.get_include_dir(), "csrc"],
+    sources=sorted(glob.glob("csrc/core/*.c")) + sorted(glob.glob("csrc/py/*.c")),
+    depends=sorted(glob.glob("csrc/core/*.h")) + sorted(glob.glob("csrc/py/*.h")),
+    include_dirs=[np.get_include(), scipy_openblas32.get_include_dir(), "csrc/core", "csrc/py"],
     library_dirs=[blas_lib_dir],
     libraries=[scipy_openblas32.get_library()],
     # The BLAS lives in the scipy_openblas32 package beside dlmone in site-packages;

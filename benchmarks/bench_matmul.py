@@ -4,7 +4,7 @@ sgemm peak (numpy on a big square product) that the model-FLOP utilisation of
 bench_train.py is measured against.
 
 What is measured on the dlmone side. Every linear layer of the network runs the
-products of csrc/kernels.c (split over OpenMP threads by a plan fixed by the shape, each
+products of csrc/core/kernels.c (split over OpenMP threads by a plan fixed by the shape, each
 block one single-threaded scipy-openblas32 sgemm). ``dlmone._core.linear`` reaches only
 the forward product; the entry points that reach both the forward and the backward
 (``linear_forward`` / ``linear_backward``) with a caller-chosen shape are the tied output

@@ -13,7 +13,7 @@ exec replaced, which under subprocess's vfork is this (large) parent's. The chil
 ru_maxrss is recorded too.
 
 Budget, what the step needs (bytes; P parameters, float32): parameters 4P, gradients
-4P, AdamW m 4P and v 4P, activations (the one workspace csrc/model.c's model_reserve
+4P, AdamW m 4P and v 4P, activations (the one workspace csrc/core/model.c's model_reserve
 lays out for batch B x length L: what the forward keeps for the backward plus the
 backward's gradient scratch; the model's workspace_bytes, checked against
 dlmone.resources.workspace_bytes, whose forward/backward split is reported), and the
@@ -57,7 +57,7 @@ def budget_bytes(cfg, params: int, B: int, L: int, workspace: int) -> Dict[str, 
 
 
 def workspace_estimate(cfg, B: int, L: int) -> Optional[Dict[str, int]]:
-    """dlmone.resources' formula of the workspace (csrc/model.c's model_reserve): the
+    """dlmone.resources' formula of the workspace (csrc/core/model.c's model_reserve): the
     forward's part (kept for the backward) and the total with the backward's scratch;
     None where that module is absent."""
     try:

@@ -3,7 +3,7 @@
 :func:`estimate_memory` adds up, per component, the bytes a teacher run or a
 distillation keeps resident at its peak: the flat parameter, gradient and optimizer
 buffers of every network, the activation workspace of the C model (the exact formula
-of ``model_reserve`` in csrc/model.c, see :func:`workspace_bytes`) and the largest
+of ``model_reserve`` in csrc/core/model.c, see :func:`workspace_bytes`) and the largest
 temporary arrays of one step. :func:`check_memory` compares the total with
 ``max_memory`` or, without one, with the MemAvailable of /proc/meminfo, and refuses a
 run that would not fit before it allocates anything large.
@@ -134,7 +134,7 @@ def estimate_memory(config: ModelConfig, batch_size: int, kind: str = "teacher",
 
 
 def _num_parameters(c: ModelConfig) -> int:
-    """Length of the flat parameter buffer (``model_layout`` in csrc/model.c)."""
+    """Length of the flat parameter buffer (``model_layout`` in csrc/core/model.c)."""
     V, E, H, F, T4 = c.vocab_size, c.emb_dim, c.hidden_dim, c.ffn_dim, 4 * c.time_dim
     n = V * E + V + T4 * c.time_dim + T4 + H * T4 + H + c.max_positions * H + 2 * H
     n += c.num_layers * (3 * H * H + 3 * H + H * H + H + 2 * H + F * H + F + H * F + H + 2 * H)

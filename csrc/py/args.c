@@ -1,5 +1,5 @@
-/* Argument validation for the glue files. */
-#include "glue.h"
+/* Argument validation for the bindings. */
+#include "args.h"
 
 static const char *shape_str(char *buf, size_t n, int nd, const npy_intp *s) {
     size_t k = (size_t)snprintf(buf, n, "(");

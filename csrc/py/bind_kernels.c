@@ -1,6 +1,6 @@
 /* Glue exposing single layer kernels, for kernel-level tests (finite differences,
  * accuracy of the vectorised math) and for benchmarks. */
-#include "glue.h"
+#include "args.h"
 #include "kernels.h"
 #include "mathfun.h"
 

@@ -1,6 +1,6 @@
 /* Glue for the diffusion kernels. */
 #include "diffusion.h"
-#include "glue.h"
+#include "args.h"
 
 static PyObject *py_sqrt_schedule(PyObject *mod, PyObject *args) {
     Py_ssize_t T;

@@ -1,5 +1,5 @@
 /* Glue for the optimiser kernels (flat float32 buffers, in place). */
-#include "glue.h"
+#include "args.h"
 #include "optim.h"
 
 static PyArrayObject *flat(PyObject *o, const char *name, npy_intp n, int writeable) {

@@ -1,7 +1,7 @@
-/* Argument validation shared by the glue files: arrays must be numpy float32
+/* Argument validation shared by the bindings: arrays must be numpy float32
  * (tokens int32/int64), C-contiguous, aligned and of the documented shape. */
-#ifndef DLMONE_GLUE_H
-#define DLMONE_GLUE_H
+#ifndef DLMONE_PY_ARGS_H
+#define DLMONE_PY_ARGS_H
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -1,6 +1,6 @@
 /* Glue for the distillation kernels. */
 #include "distill.h"
-#include "glue.h"
+#include "args.h"
 
 static PyObject *py_sid_loss(PyObject *mod, PyObject *args) {
     PyObject *ro, *fo, *eo, *mo;

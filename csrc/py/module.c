@@ -1,8 +1,8 @@
 /* dlmone._core: Python glue. Validates arguments, releases the GIL, dispatches.
- * Array arguments are checked by glue.c; the Python layer (dlmone/model.py)
+ * Array arguments are checked by args.c; the Python layer (dlmone/model.py)
  * converts user input first. */
 #define DLMONE_IMPORT_ARRAY
-#include "glue.h"
+#include "args.h"
 
 #include "kernels.h"
 #include "amx.h"
