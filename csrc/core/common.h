@@ -38,9 +38,22 @@ static inline int dl_thread_id(void) {
 #endif
 }
 
-/* a*b with overflow detection; returns 0 on overflow. */
-static inline int dl_mul(size_t a, size_t b, size_t *out) {
-    return !__builtin_mul_overflow(a, b, out);
+/* The largest dimension or leading dimension a BLAS with 32-bit integers takes; the
+ * bindings refuse larger sizes before anything reaches a (blasint) cast. */
+#define DL_BLAS_MAX ((size_t)INT32_MAX)
+
+/* *out = a*b; 1 when that overflows size_t (then *out is not to be used). Every size
+ * that reaches malloc goes through it. */
+static inline int dl_mul_overflows(size_t a, size_t b, size_t *out) {
+    return __builtin_mul_overflow(a, b, out);
+}
+
+/* The splitmix64 finaliser: the hash behind dropout masks, Gaussian noise and
+ * parameter initialisation. */
+static inline uint64_t dl_mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
 }
 
 #endif

@@ -17,19 +17,13 @@ void sqrt_schedule(double *betas, double *alphas_cumprod, size_t T) {
     }
 }
 
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
 void gaussian_fill(float *out, size_t n, uint64_t seed) {
     DL_PROFILE_BEGIN;
-    uint64_t key = mix64(seed + 0x9e3779b97f4a7c15ULL);
+    uint64_t key = dl_mix64(seed + 0x9e3779b97f4a7c15ULL);
     size_t pairs = (n + 1) / 2;
 #pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < pairs; i++) {
-        uint64_t r1 = mix64(key ^ mix64(2 * i + 1)), r2 = mix64(key ^ mix64(2 * i + 2));
+        uint64_t r1 = dl_mix64(key ^ dl_mix64(2 * i + 1)), r2 = dl_mix64(key ^ dl_mix64(2 * i + 2));
         double u1 = ((r1 >> 11) + 0.5) * (1.0 / 9007199254740992.0);
         double u2 = (r2 >> 11) * (1.0 / 9007199254740992.0);
         double rad = sqrt(-2.0 * log(u1)), ang = 6.283185307179586 * u2;
@@ -107,15 +101,26 @@ void cross_entropy(float *nll, float *logits, const int64_t *target, const float
 
 #define ARGMAX_ROWS 64
 
-void affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,
-                   const uint8_t *active, size_t M, size_t E, size_t V) {
+/* Per thread: scores S[ARGMAX_ROWS, V], the gathered rows xs[ARGMAX_ROWS, E]. */
+static int argmax_scratch_floats(size_t E, size_t V, size_t *n) {
+    return dl_mul_overflows(ARGMAX_ROWS, V + E, n);
+}
+
+int affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,
+                  const uint8_t *active, size_t M, size_t E, size_t V) {
+    int threads = dl_max_threads();
+    size_t per_thread, bytes;
+    if (argmax_scratch_floats(E, V, &per_thread) ||
+        dl_mul_overflows(per_thread * sizeof(float), (size_t)threads, &bytes))
+        return -1;
+    float *scratch = malloc(bytes);
+    if (!scratch) return -1;
     DL_PROFILE_BEGIN;
     size_t nb = (M + ARGMAX_ROWS - 1) / ARGMAX_ROWS;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
-        float *S = malloc(ARGMAX_ROWS * V * sizeof(float));
-        size_t *rows = malloc(ARGMAX_ROWS * sizeof(size_t));
-        float *xs = malloc(ARGMAX_ROWS * E * sizeof(float));
+        float *S = scratch + (size_t)dl_thread_id() * per_thread, *xs = S + ARGMAX_ROWS * V;
+        size_t rows[ARGMAX_ROWS];
 #pragma omp for schedule(dynamic)
         for (size_t blk = 0; blk < nb; blk++) {
             size_t m0 = blk * ARGMAX_ROWS, m1 = m0 + ARGMAX_ROWS < M ? m0 + ARGMAX_ROWS : M, k = 0;
@@ -142,11 +147,10 @@ void affine_argmax(int64_t *tokens, const float *x, const float *W, const float 
                 tokens[rows[i]] = (int64_t)best;
             }
         }
-        free(S);
-        free(rows);
-        free(xs);
     }
+    free(scratch);
     DL_PROFILE_END(DL_K_DECODE);
+    return 0;
 }
 
 void posterior_step(float *x_prev, const float *x0, const float *xt, const float *noise,

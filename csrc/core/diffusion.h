@@ -26,8 +26,9 @@ void mse_loss(float *mse, float *grad_f, const float *f, const float *x0, const 
 void cross_entropy(float *nll, float *logits, const int64_t *target, const float *scale,
                    size_t M, size_t V);
 
-/* tokens[m] = argmax_v (x[m] . W[v] + c[v]) for the rows with active[m] (all if NULL). */
-void affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,
+/* tokens[m] = argmax_v (x[m] . W[v] + c[v]) for the rows with active[m] (all if NULL).
+ * E and V must be <= DL_BLAS_MAX. 0, or -1 when its scratch cannot be allocated. */
+int affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,
                    const uint8_t *active, size_t M, size_t E, size_t V);
 
 /* x_prev = where(mask, c1*x0 + c2*xt + sigma*noise, anchor), per example coefficients. */

@@ -6,6 +6,7 @@
  * results) for any number of threads. */
 #define COL_BLOCK 32
 
+/* The (blasint) casts narrow sizes the bindings have checked against DL_BLAS_MAX. */
 static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alpha,
                         const float *A, size_t lda, const float *B, size_t ldb, float beta,
                         float *C, size_t ldc) {
@@ -45,12 +46,14 @@ static TilePlan tile_plan(size_t M, size_t N, size_t K, int can_split_k) {
 }
 
 /* C = alpha op(A) op(B) + beta C as MM_PARTS products over chunks of K, each into its own
- * buffer, summed in chunk order. Returns 0, or -1 when the buffers cannot be had. */
+ * buffer, summed in chunk order. Returns 0, or -1 when the buffers cannot be had: no
+ * fallback to another plan, whose different summation order would change the bits. */
 static int matmul_split_k(int ta, int tb, size_t M, size_t N, size_t K, size_t tk, float alpha,
                           const float *A, size_t lda, const float *B, size_t ldb, float beta,
                           float *C, size_t ldc) {
-    size_t nk = (K + tk - 1) / tk;
-    float *part = malloc(nk * M * N * sizeof(float));
+    size_t nk = (K + tk - 1) / tk, n;
+    if (dl_mul_overflows(nk * sizeof(float), M, &n) || dl_mul_overflows(n, N, &n)) return -1;
+    float *part = malloc(n);
     if (!part) return -1;
 #pragma omp parallel for schedule(static)
     for (size_t c = 0; c < nk; c++) {
@@ -108,16 +111,17 @@ void apply_epilogue(const Epilogue *e, float *C, size_t ldc, size_t m0, size_t m
     }
 }
 
-void matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A,
-                     size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc,
-                     const Epilogue *epi) {
-    if (M == 0 || N == 0) return;
+int matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A,
+                    size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc,
+                    const Epilogue *epi) {
+    if (M == 0 || N == 0) return 0;
     DL_PROFILE_BEGIN;
     int plain = !epi || epi->kind == EPI_NONE;
     TilePlan plan = tile_plan(M, N, K, plain);
-    if (plan.tk < K && matmul_split_k(ta, tb, M, N, K, plan.tk, alpha, A, lda, B, ldb, beta, C, ldc) == 0) {
+    if (plan.tk < K) {
+        int r = matmul_split_k(ta, tb, M, N, K, plan.tk, alpha, A, lda, B, ldb, beta, C, ldc);
         DL_PROFILE_END(DL_K_MATMUL);
-        return;
+        return r;
     }
     size_t tm = plan.tm, tn = plan.tn;
     size_t mt = (M + tm - 1) / tm, nt = (N + tn - 1) / tn;
@@ -132,17 +136,18 @@ void matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, 
         if (epi && epi->kind != EPI_NONE) apply_epilogue(epi, C, ldc, m0, m1, n0, n1);
     }
     DL_PROFILE_END(DL_K_MATMUL);
+    return 0;
 }
 
-void matmul(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A,
-            size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc) {
-    matmul_epilogue(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
+int matmul(int ta, int tb, size_t M, size_t N, size_t K, float alpha, const float *A,
+           size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc) {
+    return matmul_epilogue(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL);
 }
 
-void linear_forward(float *y, const float *x, const float *W, const float *b, size_t M,
-                    size_t in, size_t out) {
+int linear_forward(float *y, const float *x, const float *W, const float *b, size_t M,
+                   size_t in, size_t out) {
     Epilogue e = {b ? EPI_BIAS : EPI_NONE, b, NULL, NULL};
-    matmul_epilogue(0, 1, M, out, in, 1.0f, x, in, W, in, 0.0f, y, out, &e);
+    return matmul_epilogue(0, 1, M, out, in, 1.0f, x, in, W, in, 0.0f, y, out, &e);
 }
 
 void colsum_accumulate(float *out, const float *x, size_t M, size_t C) {
@@ -162,19 +167,22 @@ void colsum_accumulate(float *out, const float *x, size_t M, size_t C) {
     DL_PROFILE_END(DL_K_BIAS);
 }
 
-void linear_backward(float *dx, float *dW, float *db, const float *dy, const float *x,
-                     const float *W, size_t M, size_t in, size_t out, int accumulate_dx) {
-    if (dx) matmul(0, 0, M, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx, in);
-    if (dW) matmul(1, 0, out, in, M, 1.0f, dy, out, x, in, 1.0f, dW, in);
+int linear_backward(float *dx, float *dW, float *db, const float *dy, const float *x,
+                    const float *W, size_t M, size_t in, size_t out, int accumulate_dx) {
+    if (dx && matmul(0, 0, M, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx, in))
+        return -1;
+    if (dW && matmul(1, 0, out, in, M, 1.0f, dy, out, x, in, 1.0f, dW, in)) return -1;
     if (db) colsum_accumulate(db, dy, M, out);
+    return 0;
 }
 
-void linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
-                          const float *W, const float *gelu_in, size_t M, size_t in, size_t out) {
+int linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
+                         const float *W, const float *gelu_in, size_t M, size_t in, size_t out) {
     Epilogue e = {EPI_GELU_GRAD, NULL, NULL, gelu_in};
-    matmul_epilogue(0, 0, M, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in, &e);
-    if (dW) matmul(1, 0, out, in, M, 1.0f, dy, out, x, in, 1.0f, dW, in);
+    if (matmul_epilogue(0, 0, M, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in, &e)) return -1;
+    if (dW && matmul(1, 0, out, in, M, 1.0f, dy, out, x, in, 1.0f, dW, in)) return -1;
     if (db) colsum_accumulate(db, dy, M, out);
+    return 0;
 }
 
 void layernorm_forward(float *out, float *res, float *mean, float *rstd, const float *a,
@@ -300,18 +308,12 @@ void silu_backward(float *dx, const float *x, const float *dout, size_t n) {
     DL_PROFILE_END(DL_K_ACTIVATION);
 }
 
-static inline uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
 static inline uint64_t site_key(uint64_t seed, uint64_t site) {
-    return mix64(seed ^ mix64(site + 0x632be59bd9b4e019ULL));
+    return dl_mix64(seed ^ dl_mix64(site + 0x632be59bd9b4e019ULL));
 }
 
 static inline int keep_bit(uint64_t key, size_t i, uint32_t threshold) {
-    return (uint32_t)(mix64(key + (uint64_t)i * 0x9e3779b97f4a7c15ULL) >> 32) >= threshold;
+    return (uint32_t)(dl_mix64(key + (uint64_t)i * 0x9e3779b97f4a7c15ULL) >> 32) >= threshold;
 }
 
 int dropout_keep(uint64_t seed, uint64_t site, size_t i, uint32_t threshold) {

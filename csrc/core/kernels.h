@@ -25,25 +25,28 @@ void apply_epilogue(const Epilogue *e, float *C, size_t ldc, size_t m0, size_t m
                     size_t n1);
 
 /* C[M,N] = alpha*op(A)*op(B) + beta*C, row-major, in tiles whose plan depends on the
- * shape only, spread over OpenMP threads; each tile gets the epilogue (may be NULL). */
-void matmul_epilogue(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha,
-                     const float *A, size_t lda, const float *B, size_t ldb, float beta,
-                     float *C, size_t ldc, const Epilogue *epi);
-void matmul(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha,
-            const float *A, size_t lda, const float *B, size_t ldb, float beta,
-            float *C, size_t ldc);
+ * shape only, spread over OpenMP threads; each tile gets the epilogue (may be NULL).
+ * Every size and leading dimension must be <= DL_BLAS_MAX (the callers check).
+ * 0, or -1 (C untouched) when a K-split product cannot allocate its partial sums;
+ * the products with an epilogue never split K and never fail. */
+int matmul_epilogue(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha,
+                    const float *A, size_t lda, const float *B, size_t ldb, float beta,
+                    float *C, size_t ldc, const Epilogue *epi);
+int matmul(int trans_a, int trans_b, size_t M, size_t N, size_t K, float alpha,
+           const float *A, size_t lda, const float *B, size_t ldb, float beta,
+           float *C, size_t ldc);
 
-/* y[M,out] = x[M,in] W[out,in]^T + b */
-void linear_forward(float *y, const float *x, const float *W, const float *b,
-                    size_t M, size_t in, size_t out);
+/* y[M,out] = x[M,in] W[out,in]^T + b; 0, or -1 out of memory (only without b). */
+int linear_forward(float *y, const float *x, const float *W, const float *b,
+                   size_t M, size_t in, size_t out);
 /* dx (= or += when accumulate_dx) dy W; dW += dy^T x; db += colsum(dy).
- * dx, dW, db may be NULL to skip them. */
-void linear_backward(float *dx, float *dW, float *db, const float *dy, const float *x,
-                     const float *W, size_t M, size_t in, size_t out, int accumulate_dx);
+ * dx, dW, db may be NULL to skip them. 0, or -1 out of memory (see matmul_epilogue). */
+int linear_backward(float *dx, float *dW, float *db, const float *dy, const float *x,
+                    const float *W, size_t M, size_t in, size_t out, int accumulate_dx);
 /* As linear_backward for a layer whose input x = gelu(gelu_in): dx = (dy W) * gelu'(gelu_in),
  * the gradient with respect to gelu_in (dx required, overwritten). */
-void linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
-                          const float *W, const float *gelu_in, size_t M, size_t in, size_t out);
+int linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
+                         const float *W, const float *gelu_in, size_t M, size_t in, size_t out);
 
 void colsum_accumulate(float *out, const float *x, size_t M, size_t C);
 

@@ -1,5 +1,8 @@
 /* DiffuSeq TransformerNetModel forward and backward (SPEC §3). */
 #include "model.h"
+
+#include <stdarg.h>
+
 #include "amx.h"
 #include "kernels.h"
 
@@ -9,19 +12,140 @@
 #define SITE_AO(l) (2 + 3 * (uint64_t)(l))
 #define SITE_FO(l) (3 + 3 * (uint64_t)(l))
 
+/* Offsets handed out in order from a buffer of `pos` floats so far; sizes are
+ * overflow-checked, and with `base` set each take also returns its pointer. */
 typedef struct {
     size_t pos;
     int overflow;
+    float *base;
 } Cursor;
 
 static size_t take(Cursor *c, size_t a, size_t b) {
     size_t n, off = c->pos;
-    if (!dl_mul(a, b, &n) || c->pos + n < c->pos) c->overflow = 1;
+    if (dl_mul_overflows(a, b, &n) || c->pos + n < c->pos) c->overflow = 1;
     else c->pos += n;
     return off;
 }
 
-int model_layout(const ModelDims *d, ParamLayout *lay, const char **err) {
+static float *take_ptr(Cursor *c, size_t a, size_t b) {
+    size_t off = take(c, a, b);
+    return c->base ? c->base + off : NULL;
+}
+
+/* ---------- the parameter table ---------- */
+
+/* Fills a ParamLayout; with lay->tensors == NULL it only counts (tensors, Linear layers,
+ * floats), which is how param_layout_build sizes the arrays before filling them. */
+typedef struct {
+    ParamLayout *lay;
+    Cursor c;
+    int fill;
+} TableBuilder;
+
+__attribute__((format(printf, 7, 8))) static void add_tensor(TableBuilder *tb, size_t off, size_t rows, size_t cols, ParamKind kind,
+                       size_t fan_in, const char *fmt, ...) {
+    ParamLayout *lay = tb->lay;
+    if (tb->fill) {
+        ParamTensor *t = &lay->tensors[lay->n_tensors];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(t->name, sizeof t->name, fmt, ap);
+        va_end(ap);
+        t->offset = off;
+        t->rows = rows;
+        t->cols = cols;
+        t->kind = kind;
+        t->fan_in = fan_in;
+    }
+    lay->n_tensors++;
+}
+
+static const LinearParams *add_linear_params(TableBuilder *tb, size_t w, size_t b, size_t out,
+                                             size_t in) {
+    ParamLayout *lay = tb->lay;
+    LinearParams *p = NULL;
+    if (tb->fill) {
+        p = &lay->linear[lay->n_linear];
+        *p = (LinearParams){w, b, out, in, lay->n_linear};
+    }
+    lay->n_linear++;
+    return p;
+}
+
+/* Linear(in, out) named `prefix`.weight and `prefix`.bias. */
+static const LinearParams *add_linear(TableBuilder *tb, const char *prefix, size_t out, size_t in) {
+    size_t w = take(&tb->c, out, in), b = take(&tb->c, out, 1);
+    add_tensor(tb, w, out, in, PARAM_WEIGHT, in, "%s.weight", prefix);
+    add_tensor(tb, b, out, 0, PARAM_BIAS, in, "%s.bias", prefix);
+    return add_linear_params(tb, w, b, out, in);
+}
+
+static void add_layernorm(TableBuilder *tb, const char *prefix, size_t H, size_t *w, size_t *b) {
+    *w = take(&tb->c, H, 1);
+    *b = take(&tb->c, H, 1);
+    add_tensor(tb, *w, H, 0, PARAM_LN_WEIGHT, 0, "%s.weight", prefix);
+    add_tensor(tb, *b, H, 0, PARAM_LN_BIAS, 0, "%s.bias", prefix);
+}
+
+static void build_table(const ModelDims *d, TableBuilder *tb) {
+    ParamLayout *lay = tb->lay;
+    size_t V = d->V, E = d->E, H = d->H, F = d->F, T4 = 4 * d->Dt;
+    char prefix[DL_PARAM_NAME_MAX];
+    lay->word_emb = take(&tb->c, V, E);
+    add_tensor(tb, lay->word_emb, V, E, PARAM_EMBEDDING, 0, "word_embedding.weight");
+    lay->lm_bias = take(&tb->c, V, 1);
+    add_tensor(tb, lay->lm_bias, V, 0, PARAM_BIAS, E, "lm_head.bias");
+    lay->te0 = add_linear(tb, "time_embed.0", T4, d->Dt);
+    lay->te2 = add_linear(tb, "time_embed.2", H, T4);
+    if (E != H) {
+        lay->up0 = add_linear(tb, "input_up_proj.0", H, E);
+        lay->up2 = add_linear(tb, "input_up_proj.2", H, H);
+    }
+    lay->pos = take(&tb->c, d->P, H);
+    add_tensor(tb, lay->pos, d->P, H, PARAM_EMBEDDING, 0, "position_embeddings.weight");
+    add_layernorm(tb, "LayerNorm", H, &lay->ln_w, &lay->ln_b);
+    for (size_t l = 0; l < d->N; l++) {
+        size_t pos0 = tb->c.pos, tensors0 = lay->n_tensors, linear0 = lay->n_linear;
+        LayerParams lp;
+        /* query, key and value are separate Linear(H, H) tensors stored as one product */
+        static const char *qkv[3] = {"query", "key", "value"};
+        size_t w = take(&tb->c, 3 * H, H), b = take(&tb->c, 3 * H, 1);
+        for (int j = 0; j < 3; j++) {
+            add_tensor(tb, w + j * H * H, H, H, PARAM_WEIGHT, H,
+                       "input_transformers.layer.%zu.attention.self.%s.weight", l, qkv[j]);
+            add_tensor(tb, b + j * H, H, 0, PARAM_BIAS, H,
+                       "input_transformers.layer.%zu.attention.self.%s.bias", l, qkv[j]);
+        }
+        lp.qkv = add_linear_params(tb, w, b, 3 * H, H);
+#define LAYER_PREFIX(s) (snprintf(prefix, sizeof prefix, "input_transformers.layer.%zu." s, l), prefix)
+        lp.ao = add_linear(tb, LAYER_PREFIX("attention.output.dense"), H, H);
+        add_layernorm(tb, LAYER_PREFIX("attention.output.LayerNorm"), H, &lp.ln1_w, &lp.ln1_b);
+        lp.fi = add_linear(tb, LAYER_PREFIX("intermediate.dense"), F, H);
+        lp.fo = add_linear(tb, LAYER_PREFIX("output.dense"), H, F);
+        add_layernorm(tb, LAYER_PREFIX("output.LayerNorm"), H, &lp.ln2_w, &lp.ln2_b);
+#undef LAYER_PREFIX
+        if (tb->fill) {
+            lay->layers[l] = lp;
+        } else { /* every layer has layer 0's sizes: count the other N-1 at once */
+            size_t more, n = d->N - 1;
+            if (dl_mul_overflows(tb->c.pos - pos0, n, &more) || tb->c.pos + more < tb->c.pos) {
+                tb->c.overflow = 1;
+            } else {
+                tb->c.pos += more;
+                lay->n_tensors += n * (lay->n_tensors - tensors0);
+                lay->n_linear += n * (lay->n_linear - linear0);
+            }
+            break;
+        }
+    }
+    if (E != H) {
+        lay->down0 = add_linear(tb, "output_down_proj.0", H, H);
+        lay->down2 = add_linear(tb, "output_down_proj.2", E, H);
+    }
+    lay->total = tb->c.pos;
+}
+
+int model_dims_check(const ModelDims *d, const char **err) {
     if (!d->V || !d->E || !d->H || !d->N || !d->A || !d->F || !d->Dt || !d->P) {
         *err = "every size must be positive";
         return -1;
@@ -34,189 +158,175 @@ int model_layout(const ModelDims *d, ParamLayout *lay, const char **err) {
         *err = "time_dim must be at least 2";
         return -1;
     }
-    size_t V = d->V, E = d->E, H = d->H, F = d->F, T4 = 4 * d->Dt;
-    Cursor c = {0, 0};
-    memset(lay, 0, sizeof(*lay));
-    lay->word_emb = take(&c, V, E);
-    lay->lm_bias = take(&c, V, 1);
-    lay->te0_w = take(&c, T4, d->Dt);
-    lay->te0_b = take(&c, T4, 1);
-    lay->te2_w = take(&c, H, T4);
-    lay->te2_b = take(&c, H, 1);
-    if (E != H) {
-        lay->up0_w = take(&c, H, E);
-        lay->up0_b = take(&c, H, 1);
-        lay->up2_w = take(&c, H, H);
-        lay->up2_b = take(&c, H, 1);
-    }
-    lay->pos = take(&c, d->P, H);
-    lay->ln_w = take(&c, H, 1);
-    lay->ln_b = take(&c, H, 1);
-    lay->layers = calloc(d->N, sizeof(LayerParams));
-    if (!lay->layers) {
-        *err = "out of memory";
+    /* the widths of the products (and their leading dimensions) reach 32-bit BLAS */
+    if (d->V > DL_BLAS_MAX || d->E > DL_BLAS_MAX || d->H > DL_BLAS_MAX / 3 ||
+        d->F > DL_BLAS_MAX || d->Dt > DL_BLAS_MAX / 4) {
+        *err = "sizes too large: vocab_size, emb_dim, 3*hidden_dim, ffn_dim and 4*time_dim "
+               "must be at most 2^31-1 (32-bit BLAS)";
         return -1;
     }
-    for (size_t l = 0; l < d->N; l++) {
-        LayerParams *p = &lay->layers[l];
-        p->qkv_w = take(&c, 3 * H, H);
-        p->qkv_b = take(&c, 3 * H, 1);
-        p->ao_w = take(&c, H, H);
-        p->ao_b = take(&c, H, 1);
-        p->ln1_w = take(&c, H, 1);
-        p->ln1_b = take(&c, H, 1);
-        p->fi_w = take(&c, F, H);
-        p->fi_b = take(&c, F, 1);
-        p->fo_w = take(&c, H, F);
-        p->fo_b = take(&c, H, 1);
-        p->ln2_w = take(&c, H, 1);
-        p->ln2_b = take(&c, H, 1);
-    }
-    if (E != H) {
-        lay->down0_w = take(&c, H, H);
-        lay->down0_b = take(&c, H, 1);
-        lay->down2_w = take(&c, E, H);
-        lay->down2_b = take(&c, E, 1);
-    }
-    lay->total = c.pos;
-    if (c.overflow || c.pos > ((size_t)1 << 40)) {
-        free(lay->layers);
-        lay->layers = NULL;
-        *err = "sizes too large: the parameter buffer would overflow";
+    ParamLayout lay;
+    memset(&lay, 0, sizeof(lay));
+    TableBuilder tb = {&lay, {0, 0, NULL}, 0};
+    build_table(d, &tb);
+    if (tb.c.overflow || lay.total > DL_MAX_FLOATS) {
+        *err = "sizes too large: more than 2^40 parameters";
         return -1;
     }
     return 0;
 }
 
-int model_reserve(Model *m, size_t B, size_t L, const char **err) {
-    const ModelDims *d = &m->d;
-    size_t E = d->E, H = d->H, F = d->F, N = d->N, M, MH;
-    if (!dl_mul(B, L, &M) || !dl_mul(M, H * 4 + F + E, &MH) || M > (size_t)1 << 31 ||
-        !dl_mul(M, F > 3 * H ? F : 3 * H, &MH)) {
-        *err = "batch too large: activation sizes overflow";
+int param_layout_build(const ModelDims *d, ParamLayout *lay, const char **err, int *oom) {
+    memset(lay, 0, sizeof(*lay));
+    *oom = 0;
+    if (model_dims_check(d, err)) return -1;
+    TableBuilder tb = {lay, {0, 0, NULL}, 0};
+    build_table(d, &tb); /* counts */
+    size_t n_tensors = lay->n_tensors, n_linear = lay->n_linear;
+    ParamTensor *tensors = calloc(n_tensors, sizeof(ParamTensor));
+    LinearParams *linear = calloc(n_linear, sizeof(LinearParams));
+    LayerParams *layers = calloc(d->N, sizeof(LayerParams));
+    memset(lay, 0, sizeof(*lay));
+    lay->tensors = tensors;
+    lay->linear = linear;
+    lay->layers = layers;
+    if (!tensors || !linear || !layers) {
+        param_layout_free(lay);
+        *err = "out of memory for the parameter table";
+        *oom = 1;
         return -1;
     }
-    Cursor c = {0, 0};
+    tb = (TableBuilder){lay, {0, 0, NULL}, 1};
+    build_table(d, &tb);
+    return 0;
+}
+
+void param_layout_free(ParamLayout *lay) {
+    free(lay->tensors);
+    free(lay->linear);
+    free(lay->layers);
+    memset(lay, 0, sizeof(*lay));
+}
+
+/* ---------- the activation workspace ---------- */
+
+/* Takes every activation buffer from c in workspace order; with c->base set (and
+ * a->layers holding N entries) the pointers land in a. The backward scratch comes
+ * last: *forward_floats is what precedes it. */
+static void plan_workspace(const ModelDims *d, size_t B, size_t L, int threads, Cursor *c,
+                           Activations *a, size_t *forward_floats) {
+    size_t E = d->E, H = d->H, F = d->F, T4 = 4 * d->Dt, M = 0, big = F > 3 * H ? F : 3 * H;
+    if (dl_mul_overflows(B, L, &M)) c->overflow = 1;
+    a->B = B;
+    a->L = L;
+    a->x = take_ptr(c, M, E);
+    a->tsin = take_ptr(c, B, d->Dt);
+    a->te_pre = take_ptr(c, B, T4);
+    a->te_act = take_ptr(c, B, T4);
+    a->temb = take_ptr(c, B, H);
+    if (E != H) {
+        a->up_pre = take_ptr(c, M, H);
+        a->up_act = take_ptr(c, M, H);
+        a->up = take_ptr(c, M, H);
+    }
+    a->emb_res = take_ptr(c, M, H);
+    a->mean0 = take_ptr(c, M, 1);
+    a->rstd0 = take_ptr(c, M, 1);
+    a->h0 = take_ptr(c, M, H);
+    size_t heads, att_floats = 0; /* att[B, A, L, L] */
+    if (dl_mul_overflows(B, d->A, &heads) || dl_mul_overflows(heads, L * L, &att_floats))
+        c->overflow = 1;
+    for (size_t l = 0; l < d->N; l++) {
+        size_t pos0 = c->pos;
+        LayerActs la;
+        la.res1 = take_ptr(c, M, H);
+        la.mean1 = take_ptr(c, M, 1);
+        la.rstd1 = take_ptr(c, M, 1);
+        la.ln1 = take_ptr(c, M, H);
+        la.qkv = take_ptr(c, M, 3 * H);
+        la.att = take_ptr(c, att_floats, 1);
+        la.ctx = take_ptr(c, M, H);
+        la.ff_pre = take_ptr(c, M, F);
+        la.ff_act = take_ptr(c, M, F);
+        la.res2 = take_ptr(c, M, H);
+        la.mean2 = take_ptr(c, M, 1);
+        la.rstd2 = take_ptr(c, M, 1);
+        la.ln2 = take_ptr(c, M, H);
+        if (c->base) {
+            a->layers[l] = la;
+        } else { /* every layer has layer 0's sizes: count the other N-1 at once */
+            size_t more;
+            if (dl_mul_overflows(c->pos - pos0, d->N - 1, &more) || c->pos + more < c->pos)
+                c->overflow = 1;
+            else
+                c->pos += more;
+            break;
+        }
+    }
+    if (E != H) {
+        a->down_pre = take_ptr(c, M, H);
+        a->down_act = take_ptr(c, M, H);
+    }
+    a->att_threads = threads;
+    a->att_scratch = take_ptr(c, (size_t)threads, attention_scratch_floats(L, H, d->A));
+    *forward_floats = c->pos;
+    a->g1 = take_ptr(c, M, H);
+    a->g2 = take_ptr(c, M, H);
+    a->gbig = take_ptr(c, M, big);
+    a->gqkv = take_ptr(c, M, 3 * H);
+    a->gtemb = take_ptr(c, B, T4 + H);
+}
+
+int model_workspace_floats(const ModelDims *d, size_t B, size_t L, int threads, size_t *total,
+                           size_t *forward, const char **err) {
+    size_t M;
+    /* B*L rows (and, in the weight gradients, the K of a product) reach 32-bit BLAS */
+    if (dl_mul_overflows(B, L, &M) || M > DL_BLAS_MAX) {
+        *err = "batch too large: batch*length must be at most 2^31-1 (32-bit BLAS)";
+        return -1;
+    }
+    Cursor c = {0, 0, NULL};
     Activations a;
     memset(&a, 0, sizeof(a));
-    size_t o_x = take(&c, M, E), o_tsin = take(&c, B, d->Dt), o_tep = take(&c, B, 4 * d->Dt),
-           o_tea = take(&c, B, 4 * d->Dt), o_temb = take(&c, B, H);
-    size_t o_upp = 0, o_upa = 0, o_up = 0, o_dp = 0, o_da = 0;
-    if (E != H) {
-        o_upp = take(&c, M, H);
-        o_upa = take(&c, M, H);
-        o_up = take(&c, M, H);
-    }
-    size_t o_er = take(&c, M, H), o_m0 = take(&c, M, 1), o_r0 = take(&c, M, 1),
-           o_h0 = take(&c, M, H);
-    size_t *lo = malloc(N * 13 * sizeof(size_t));
-    if (!lo) {
-        *err = "out of memory";
+    plan_workspace(d, B, L, threads, &c, &a, forward);
+    if (c.overflow || c.pos > DL_MAX_FLOATS) {
+        *err = "batch too large: the activations would take more than 2^40 floats";
         return -1;
     }
-    for (size_t l = 0; l < N; l++) {
-        size_t *o = lo + 13 * l;
-        o[0] = take(&c, M, H);               /* res1 */
-        o[1] = take(&c, M, 1);               /* mean1 */
-        o[2] = take(&c, M, 1);               /* rstd1 */
-        o[3] = take(&c, M, H);               /* ln1 */
-        o[4] = take(&c, M, 3 * H);           /* qkv */
-        o[5] = take(&c, B * d->A, L * L);    /* att */
-        o[6] = take(&c, M, H);               /* ctx */
-        o[7] = take(&c, M, F);               /* ff_pre */
-        o[8] = take(&c, M, F);               /* ff_act */
-        o[9] = take(&c, M, H);               /* res2 */
-        o[10] = take(&c, M, 1);              /* mean2 */
-        o[11] = take(&c, M, 1);              /* rstd2 */
-        o[12] = take(&c, M, H);              /* ln2 */
-    }
-    if (E != H) {
-        o_dp = take(&c, M, H);
-        o_da = take(&c, M, H);
-    }
-    size_t big = F > 3 * H ? F : 3 * H;
-    size_t o_g1 = take(&c, M, H), o_g2 = take(&c, M, H), o_gb = take(&c, M, big),
-           o_gq = take(&c, M, 3 * H), o_gt = take(&c, B, 4 * d->Dt + H);
-    int att_threads = dl_max_threads();
-    size_t o_as = take(&c, (size_t)att_threads, attention_scratch_floats(L, H, d->A));
-    if (c.overflow) {
-        free(lo);
-        *err = "batch too large: activation sizes overflow";
-        return -1;
-    }
-    if (c.pos > m->work_floats) {
-        float *w = malloc(c.pos * sizeof(float));
-        if (!w) {
-            free(lo);
-            *err = "out of memory allocating activations";
-            return -1;
-        }
-        free(m->work);
-        m->work = w;
-        m->work_floats = c.pos;
-    }
-    float *w = m->work;
-    LayerActs *layers = m->act.layers ? m->act.layers : calloc(N, sizeof(LayerActs));
-    if (!layers) {
-        free(lo);
-        *err = "out of memory";
-        return -1;
-    }
-    a.B = B;
-    a.L = L;
-    a.x = w + o_x;
-    a.tsin = w + o_tsin;
-    a.te_pre = w + o_tep;
-    a.te_act = w + o_tea;
-    a.temb = w + o_temb;
-    if (E != H) {
-        a.up_pre = w + o_upp;
-        a.up_act = w + o_upa;
-        a.up = w + o_up;
-        a.down_pre = w + o_dp;
-        a.down_act = w + o_da;
-    }
-    a.emb_res = w + o_er;
-    a.mean0 = w + o_m0;
-    a.rstd0 = w + o_r0;
-    a.h0 = w + o_h0;
-    for (size_t l = 0; l < N; l++) {
-        size_t *o = lo + 13 * l;
-        LayerActs *la = &layers[l];
-        la->res1 = w + o[0];
-        la->mean1 = w + o[1];
-        la->rstd1 = w + o[2];
-        la->ln1 = w + o[3];
-        la->qkv = w + o[4];
-        la->att = w + o[5];
-        la->ctx = w + o[6];
-        la->ff_pre = w + o[7];
-        la->ff_act = w + o[8];
-        la->res2 = w + o[9];
-        la->mean2 = w + o[10];
-        la->rstd2 = w + o[11];
-        la->ln2 = w + o[12];
-    }
-    free(lo);
-    a.layers = layers;
-    a.g1 = w + o_g1;
-    a.g2 = w + o_g2;
-    a.gbig = w + o_gb;
-    a.gqkv = w + o_gq;
-    a.gtemb = w + o_gt;
-    a.att_scratch = w + o_as;
-    a.att_threads = att_threads;
-    m->act = a;
+    *total = c.pos;
     return 0;
 }
 
-/* splitmix64 stream for initialisation */
-static uint64_t next_u64(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+int model_reserve(Model *m, size_t B, size_t L, const char **err, int *oom) {
+    const ModelDims *d = &m->d;
+    size_t need, forward;
+    int threads = dl_max_threads();
+    *oom = 0;
+    if (model_workspace_floats(d, B, L, threads, &need, &forward, err)) return -1;
+    if (!m->act.layers) {
+        m->act.layers = calloc(d->N, sizeof(LayerActs));
+        if (!m->act.layers) goto out_of_memory;
+    }
+    if (need > m->work_floats) {
+        float *w = malloc(need * sizeof(float));
+        if (!w) goto out_of_memory;
+        free(m->work);
+        m->work = w;
+        m->work_floats = need;
+    }
+    Cursor c = {0, 0, m->work};
+    plan_workspace(d, B, L, threads, &c, &m->act, &forward);
+    return 0;
+out_of_memory:
+    *err = "out of memory allocating activations";
+    *oom = 1;
+    return -1;
 }
+
+/* ---------- initialisation ---------- */
+
+/* splitmix64 stream for initialisation */
+static uint64_t next_u64(uint64_t *s) { return dl_mix64(*s += 0x9e3779b97f4a7c15ULL); }
 
 static double next_unit(uint64_t *s) { return ((next_u64(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
 
@@ -235,47 +345,37 @@ static void fill_const(float *p, size_t n, float v) {
     for (size_t i = 0; i < n; i++) p[i] = v;
 }
 
-/* PyTorch's defaults, as DiffuSeq gets them: Linear U(±1/sqrt(in)) for weight and
- * bias, Embedding N(0,1), LayerNorm (1, 0). */
-static void init_linear(float *P, size_t w, size_t b, size_t out, size_t in, uint64_t *s) {
-    float bound = 1.0f / sqrtf((float)in);
-    fill_uniform(P + w, out * in, bound, s);
-    fill_uniform(P + b, out, bound, s);
+/* Every tensor in table order from one stream, as its kind says. */
+static void init_params(Model *m, uint64_t seed) {
+    uint64_t s = seed * 0x2545f4914f6cdd1dULL + 0x1234567ULL;
+    for (size_t i = 0; i < m->lay.n_tensors; i++) {
+        const ParamTensor *t = &m->lay.tensors[i];
+        float *p = m->params + t->offset;
+        size_t n = t->rows * (t->cols ? t->cols : 1);
+        switch (t->kind) {
+        case PARAM_WEIGHT:
+        case PARAM_BIAS: fill_uniform(p, n, 1.0f / sqrtf((float)t->fan_in), &s); break;
+        case PARAM_LN_WEIGHT: fill_const(p, n, 1.0f); break;
+        case PARAM_LN_BIAS: fill_const(p, n, 0.0f); break;
+        case PARAM_EMBEDDING: fill_normal(p, n, &s); break;
+        }
+    }
 }
 
-void model_init_params(Model *m, uint64_t seed) {
-    const ModelDims *d = &m->d;
-    const ParamLayout *L = &m->lay;
-    float *P = m->params;
-    uint64_t s = seed * 0x2545f4914f6cdd1dULL + 0x1234567ULL;
-    size_t E = d->E, H = d->H, F = d->F, T4 = 4 * d->Dt;
-    fill_normal(P + L->word_emb, d->V * E, &s);
-    fill_uniform(P + L->lm_bias, d->V, 1.0f / sqrtf((float)E), &s);
-    init_linear(P, L->te0_w, L->te0_b, T4, d->Dt, &s);
-    init_linear(P, L->te2_w, L->te2_b, H, T4, &s);
-    if (E != H) {
-        init_linear(P, L->up0_w, L->up0_b, H, E, &s);
-        init_linear(P, L->up2_w, L->up2_b, H, H, &s);
+int model_init(Model *m, const ModelDims *d, uint64_t seed, const char **err, int *oom) {
+    memset(m, 0, sizeof(*m));
+    if (param_layout_build(d, &m->lay, err, oom)) return -1;
+    m->d = *d;
+    m->params = malloc(m->lay.total * sizeof(float));
+    m->grads = calloc(m->lay.total, sizeof(float));
+    if (!m->params || !m->grads) {
+        model_free(m);
+        *err = "out of memory allocating the parameters and gradients";
+        *oom = 1;
+        return -1;
     }
-    fill_normal(P + L->pos, d->P * H, &s);
-    fill_const(P + L->ln_w, H, 1.0f);
-    fill_const(P + L->ln_b, H, 0.0f);
-    for (size_t l = 0; l < d->N; l++) {
-        const LayerParams *p = &L->layers[l];
-        for (int j = 0; j < 3; j++) /* query, key, value: each its own Linear(H, H) */
-            init_linear(P, p->qkv_w + j * H * H, p->qkv_b + j * H, H, H, &s);
-        init_linear(P, p->ao_w, p->ao_b, H, H, &s);
-        fill_const(P + p->ln1_w, H, 1.0f);
-        fill_const(P + p->ln1_b, H, 0.0f);
-        init_linear(P, p->fi_w, p->fi_b, F, H, &s);
-        init_linear(P, p->fo_w, p->fo_b, H, F, &s);
-        fill_const(P + p->ln2_w, H, 1.0f);
-        fill_const(P + p->ln2_b, H, 0.0f);
-    }
-    if (E != H) {
-        init_linear(P, L->down0_w, L->down0_b, H, H, &s);
-        init_linear(P, L->down2_w, L->down2_b, E, H, &s);
-    }
+    init_params(m, seed);
+    return 0;
 }
 
 void model_free(Model *m) {
@@ -285,41 +385,12 @@ void model_free(Model *m) {
     free(m->params);
     free(m->grads);
     free(m->work);
-    free(m->lay.layers);
+    param_layout_free(&m->lay);
     free(m->act.layers);
     memset(m, 0, sizeof(*m));
 }
 
-/* Every linear weight of the forward: offset in the parameters, out and in sizes, in
- * a fixed order. Returns the count; fills the arrays when they are not NULL. */
-static size_t linear_weights(const Model *m, size_t *off, size_t *out, size_t *in) {
-    const ModelDims *d = &m->d;
-    const ParamLayout *L = &m->lay;
-    size_t n = 0, E = d->E, H = d->H, F = d->F, T4 = 4 * d->Dt;
-#define ADD(o, rows, cols)              \
-    do {                                \
-        if (off) off[n] = (o);          \
-        if (out) out[n] = (rows);       \
-        if (in) in[n] = (cols);         \
-        n++;                            \
-    } while (0)
-    ADD(L->te0_w, T4, d->Dt);
-    ADD(L->te2_w, H, T4);
-    if (E != H) {
-        ADD(L->up0_w, H, E);
-        ADD(L->up2_w, H, H);
-        ADD(L->down0_w, H, H);
-        ADD(L->down2_w, E, H);
-    }
-    for (size_t l = 0; l < d->N; l++) {
-        ADD(L->layers[l].qkv_w, 3 * H, H);
-        ADD(L->layers[l].ao_w, H, H);
-        ADD(L->layers[l].fi_w, F, H);
-        ADD(L->layers[l].fo_w, H, F);
-    }
-#undef ADD
-    return n;
-}
+/* ---------- bf16 inference ---------- */
 
 /* Position-weighted sum of the parameter bits: any single changed value changes it. */
 static uint64_t params_hash(const Model *m) {
@@ -337,16 +408,26 @@ int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err) {
                "and a kernel that grants AMX state";
         return -1;
     }
-    size_t n = linear_weights(m, NULL, NULL, NULL);
-    size_t off[n], out[n], in[n], need_x = 0, need_w = 0;
-    linear_weights(m, off, out, in);
-    for (size_t i = 0; i < n; i++) {
-        size_t x = amx_input_size(B * L, in[i]);
+    const ParamLayout *lay = &m->lay;
+    size_t need_x = 0, need_w = 0, x_bytes, w_bytes, off_bytes;
+    int overflow = 0;
+    for (size_t i = 0; i < lay->n_linear; i++) {
+        const LinearParams *p = &lay->linear[i];
+        /* B*L and the widths are below 2^31: these sizes cannot overflow, their sum can't
+         * either for 2^40 parameters, but the byte counts are checked all the same */
+        size_t x = amx_input_size(B * L, p->in), w = amx_packed_weight_size(p->out, p->in);
         need_x = x > need_x ? x : need_x;
-        need_w += amx_packed_weight_size(out[i], in[i]);
+        overflow |= need_w + w < need_w;
+        need_w += w;
+    }
+    if (overflow || dl_mul_overflows(need_x, sizeof(uint16_t), &x_bytes) ||
+        dl_mul_overflows(need_w, sizeof(uint16_t), &w_bytes) ||
+        dl_mul_overflows(lay->n_linear, sizeof(size_t), &off_bytes)) {
+        *err = "bf16 buffers too large";
+        return -1;
     }
     if (need_x > m->bf16_x_size) {
-        uint16_t *x = malloc(need_x * sizeof(uint16_t));
+        uint16_t *x = malloc(x_bytes);
         if (!x) {
             *err = "out of memory for the bf16 input buffer";
             return -1;
@@ -358,8 +439,8 @@ int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err) {
     uint64_t h = params_hash(m);
     if (m->bf16_w && h == m->bf16_hash) return 0;
     if (!m->bf16_w) {
-        m->bf16_w = malloc(need_w * sizeof(uint16_t));
-        m->bf16_offsets = malloc(n * sizeof(size_t));
+        m->bf16_w = malloc(w_bytes);
+        m->bf16_offsets = malloc(off_bytes);
         if (!m->bf16_w || !m->bf16_offsets) {
             free(m->bf16_w);
             free(m->bf16_offsets);
@@ -369,28 +450,29 @@ int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err) {
             return -1;
         }
     }
-    for (size_t i = 0, pos = 0; i < n; i++) {
+    for (size_t i = 0, pos = 0; i < lay->n_linear; i++) {
+        const LinearParams *p = &lay->linear[i];
         m->bf16_offsets[i] = pos;
-        amx_pack_weight(m->bf16_w + pos, m->params + off[i], out[i], in[i]);
-        pos += amx_packed_weight_size(out[i], in[i]);
+        amx_pack_weight(m->bf16_w + pos, m->params + p->w, p->out, p->in);
+        pos += amx_packed_weight_size(p->out, p->in);
     }
     m->bf16_hash = h;
     return 0;
 }
 
+/* ---------- forward ---------- */
+
 /* y = x W^T + b (and act = gelu(y) when act is not NULL), in bf16 when asked. */
-static void layer_linear(Model *m, int bf16, float *y, float *act, const float *x, size_t w,
-                         size_t b, size_t M, size_t in, size_t out) {
+static void layer_linear(Model *m, int bf16, float *y, float *act, const float *x,
+                         const LinearParams *lin, size_t M) {
     const float *P = m->params;
-    Epilogue e = {act ? EPI_BIAS_GELU : EPI_BIAS, P + b, act, NULL};
-    if (!bf16) {
-        matmul_epilogue(0, 1, M, out, in, 1.0f, x, in, P + w, in, 0.0f, y, out, &e);
-        return;
-    }
-    size_t n = linear_weights(m, NULL, NULL, NULL), off[n], i = 0;
-    linear_weights(m, off, NULL, NULL);
-    while (off[i] != w) i++;
-    amx_linear(y, x, m->bf16_w + m->bf16_offsets[i], &e, M, in, out, m->bf16_x);
+    Epilogue e = {act ? EPI_BIAS_GELU : EPI_BIAS, P + lin->b, act, NULL};
+    if (bf16)
+        amx_linear(y, x, m->bf16_w + m->bf16_offsets[lin->index], &e, M, lin->in, lin->out,
+                   m->bf16_x);
+    else /* with an epilogue the product never splits K, so it cannot fail */
+        matmul_epilogue(0, 1, M, lin->out, lin->in, 1.0f, x, lin->in, P + lin->w, lin->in, 0.0f,
+                        y, lin->out, &e);
 }
 
 static void layer_forward(Model *m, size_t l, const float *x_in, float p, uint64_t seed, int bf16) {
@@ -398,16 +480,16 @@ static void layer_forward(Model *m, size_t l, const float *x_in, float p, uint64
     const LayerParams *lp = &m->lay.layers[l];
     LayerActs *a = &m->act.layers[l];
     const float *P = m->params;
-    size_t B = m->act.B, L = m->act.L, M = B * L, H = d->H, F = d->F;
-    layer_linear(m, bf16, a->qkv, NULL, x_in, lp->qkv_w, lp->qkv_b, M, H, 3 * H);
+    size_t B = m->act.B, L = m->act.L, M = B * L, H = d->H;
+    layer_linear(m, bf16, a->qkv, NULL, x_in, lp->qkv, M);
     attention_forward(a->ctx, a->att, a->qkv, B, L, H, d->A, p, seed, SITE_ATT(l),
                       m->last_row0 * d->A * L * L, m->act.att_scratch, m->act.att_threads);
-    layer_linear(m, bf16, a->res1, NULL, a->ctx, lp->ao_w, lp->ao_b, M, H, H);
+    layer_linear(m, bf16, a->res1, NULL, a->ctx, lp->ao, M);
     dropout_apply(a->res1, M * H, p, seed, SITE_AO(l), m->last_row0 * L * H);
     layernorm_forward(a->ln1, a->res1, a->mean1, a->rstd1, a->res1, x_in, P + lp->ln1_w,
                       P + lp->ln1_b, M, H, d->ln_eps);
-    layer_linear(m, bf16, a->ff_pre, a->ff_act, a->ln1, lp->fi_w, lp->fi_b, M, H, F);
-    layer_linear(m, bf16, a->res2, NULL, a->ff_act, lp->fo_w, lp->fo_b, M, F, H);
+    layer_linear(m, bf16, a->ff_pre, a->ff_act, a->ln1, lp->fi, M);
+    layer_linear(m, bf16, a->res2, NULL, a->ff_act, lp->fo, M);
     dropout_apply(a->res2, M * H, p, seed, SITE_FO(l), m->last_row0 * L * H);
     layernorm_forward(a->ln2, a->res2, a->mean2, a->rstd2, a->res2, a->ln1, P + lp->ln2_w,
                       P + lp->ln2_b, M, H, d->ln_eps);
@@ -425,14 +507,14 @@ void model_forward(Model *m, const float *x, const float *t, float *y, size_t B,
 
     memcpy(a->x, x, M * E * sizeof(float));
     timestep_embedding(a->tsin, t, B, d->Dt);
-    layer_linear(m, bf16, a->te_pre, NULL, a->tsin, lay->te0_w, lay->te0_b, B, d->Dt, T4);
+    layer_linear(m, bf16, a->te_pre, NULL, a->tsin, lay->te0, B);
     silu_forward(a->te_act, a->te_pre, B * T4);
-    layer_linear(m, bf16, a->temb, NULL, a->te_act, lay->te2_w, lay->te2_b, B, T4, H);
+    layer_linear(m, bf16, a->temb, NULL, a->te_act, lay->te2, B);
     const float *up = a->x;
     if (E != H) {
-        layer_linear(m, bf16, a->up_pre, NULL, a->x, lay->up0_w, lay->up0_b, M, E, H);
+        layer_linear(m, bf16, a->up_pre, NULL, a->x, lay->up0, M);
         tanh_forward(a->up_act, a->up_pre, M * H);
-        layer_linear(m, bf16, a->up, NULL, a->up_act, lay->up2_w, lay->up2_b, M, H, H);
+        layer_linear(m, bf16, a->up, NULL, a->up_act, lay->up2, M);
         up = a->up;
     }
     const float *pos = P + lay->pos;
@@ -452,9 +534,9 @@ void model_forward(Model *m, const float *x, const float *t, float *y, size_t B,
         h = a->layers[l].ln2;
     }
     if (E != H) {
-        layer_linear(m, bf16, a->down_pre, NULL, h, lay->down0_w, lay->down0_b, M, H, H);
+        layer_linear(m, bf16, a->down_pre, NULL, h, lay->down0, M);
         tanh_forward(a->down_act, a->down_pre, M * H);
-        layer_linear(m, bf16, y, NULL, a->down_act, lay->down2_w, lay->down2_b, M, H, E);
+        layer_linear(m, bf16, y, NULL, a->down_act, lay->down2, M);
     } else {
         memcpy(y, h, M * H * sizeof(float));
     }
@@ -468,15 +550,24 @@ const float *model_hidden(const Model *m) { return m->act.layers[m->d.N - 1].ln2
 
 #define GRAD(off) (pg ? G + (off) : NULL)
 
-/* In: a->g1 = d(layer output). Out: a->g1 = d(layer input). */
-static void layer_backward(Model *m, size_t l, const float *x_in, float p, uint64_t seed, int pg) {
+/* The backward of layer_linear: dx (= or += when accumulate) dy W, and when pg the
+ * parameter gradients. 0, or -1 out of memory (a K-split weight-gradient product). */
+static int linear_grad(Model *m, float *dx, const LinearParams *lin, const float *dy,
+                       const float *x, size_t M, int accumulate, int pg) {
+    float *G = m->grads;
+    return linear_backward(dx, GRAD(lin->w), GRAD(lin->b), dy, x, m->params + lin->w, M, lin->in,
+                           lin->out, accumulate);
+}
+
+/* In: a->g1 = d(layer output). Out: a->g1 = d(layer input). 0, or -1 out of memory. */
+static int layer_backward(Model *m, size_t l, const float *x_in, float p, uint64_t seed, int pg) {
     const ModelDims *d = &m->d;
     const LayerParams *lp = &m->lay.layers[l];
     LayerActs *la = &m->act.layers[l];
     Activations *a = &m->act;
     const float *P = m->params;
     float *G = m->grads;
-    size_t B = a->B, L = a->L, M = B * L, H = d->H, F = d->F;
+    size_t B = a->B, L = a->L, M = B * L, H = d->H;
 
     layernorm_backward(a->g2, GRAD(lp->ln2_w), GRAD(lp->ln2_b), a->g1, la->res2, la->mean2,
                        la->rstd2, P + lp->ln2_w, M, H);
@@ -486,10 +577,11 @@ static void layer_backward(Model *m, size_t l, const float *x_in, float p, uint6
         dropout_apply(a->g1, M * H, p, seed, SITE_FO(l), m->last_row0 * L * H);
         dfo = a->g1;
     }
-    linear_backward_gelu(a->gbig, GRAD(lp->fo_w), GRAD(lp->fo_b), dfo, la->ff_act, P + lp->fo_w,
-                         la->ff_pre, M, F, H);
-    linear_backward(a->g2, GRAD(lp->fi_w), GRAD(lp->fi_b), a->gbig, la->ln1, P + lp->fi_w, M, H,
-                    F, 1);
+    const LinearParams *fo = lp->fo;
+    if (linear_backward_gelu(a->gbig, GRAD(fo->w), GRAD(fo->b), dfo, la->ff_act, P + fo->w,
+                             la->ff_pre, M, fo->in, fo->out) ||
+        linear_grad(m, a->g2, lp->fi, a->gbig, la->ln1, M, 1, pg))
+        return -1;
     layernorm_backward(a->g1, GRAD(lp->ln1_w), GRAD(lp->ln1_b), a->g2, la->res1, la->mean1,
                        la->rstd1, P + lp->ln1_w, M, H);
     const float *dao = a->g1;
@@ -498,15 +590,13 @@ static void layer_backward(Model *m, size_t l, const float *x_in, float p, uint6
         dropout_apply(a->g2, M * H, p, seed, SITE_AO(l), m->last_row0 * L * H);
         dao = a->g2;
     }
-    linear_backward(a->gbig, GRAD(lp->ao_w), GRAD(lp->ao_b), dao, la->ctx, P + lp->ao_w, M, H, H,
-                    0);
+    if (linear_grad(m, a->gbig, lp->ao, dao, la->ctx, M, 0, pg)) return -1;
     attention_backward(a->gqkv, a->gbig, la->att, la->qkv, B, L, H, d->A, p, seed, SITE_ATT(l),
                        m->last_row0 * d->A * L * L, a->att_scratch, a->att_threads);
-    linear_backward(a->g1, GRAD(lp->qkv_w), GRAD(lp->qkv_b), a->gqkv, x_in, P + lp->qkv_w, M, H,
-                    3 * H, 1);
+    return linear_grad(m, a->g1, lp->qkv, a->gqkv, x_in, M, 1, pg);
 }
 
-void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int pg) {
+int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int pg) {
     const ModelDims *d = &m->d;
     const ParamLayout *lay = &m->lay;
     Activations *a = &m->act;
@@ -518,11 +608,9 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
     const float *hid = model_hidden(m);
 
     if (E != H) {
-        linear_backward(a->g2, GRAD(lay->down2_w), GRAD(lay->down2_b), dy, a->down_act,
-                        P + lay->down2_w, M, H, E, 0);
+        if (linear_grad(m, a->g2, lay->down2, dy, a->down_act, M, 0, pg)) return -1;
         tanh_backward(a->g2, a->down_act, a->g2, M * H);
-        linear_backward(a->g1, GRAD(lay->down0_w), GRAD(lay->down0_b), a->g2, hid,
-                        P + lay->down0_w, M, H, H, 0);
+        if (linear_grad(m, a->g1, lay->down0, a->g2, hid, M, 0, pg)) return -1;
     } else {
         memcpy(a->g1, dy, M * H * sizeof(float));
     }
@@ -532,7 +620,7 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
     }
     for (size_t l = d->N; l-- > 0;) {
         const float *x_in = l ? a->layers[l - 1].ln2 : a->h0;
-        layer_backward(m, l, x_in, p, seed, pg);
+        if (layer_backward(m, l, x_in, p, seed, pg)) return -1;
     }
     dropout_apply(a->g1, M * H, p, seed, SITE_EMB, m->last_row0 * L * H);
     layernorm_backward(a->g2, GRAD(lay->ln_w), GRAD(lay->ln_b), a->g1, a->emb_res, a->mean0,
@@ -557,29 +645,27 @@ void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, 
                 for (size_t c = 0; c < H; c++) o[c] += g[c];
             }
         }
-        linear_backward(gte, G + lay->te2_w, G + lay->te2_b, gt, a->te_act, P + lay->te2_w, B, T4,
-                        H, 0);
+        if (linear_grad(m, gte, lay->te2, gt, a->te_act, B, 0, pg)) return -1;
         silu_backward(gte, a->te_pre, gte, B * T4);
-        linear_backward(NULL, G + lay->te0_w, G + lay->te0_b, gte, a->tsin, P + lay->te0_w, B,
-                        d->Dt, T4, 0);
+        if (linear_grad(m, NULL, lay->te0, gte, a->tsin, B, 0, pg)) return -1;
     }
     if (E != H) {
-        linear_backward(a->g1, GRAD(lay->up2_w), GRAD(lay->up2_b), a->g2, a->up_act,
-                        P + lay->up2_w, M, H, H, 0);
+        if (linear_grad(m, a->g1, lay->up2, a->g2, a->up_act, M, 0, pg)) return -1;
         tanh_backward(a->g1, a->up_act, a->g1, M * H);
-        linear_backward(dx, GRAD(lay->up0_w), GRAD(lay->up0_b), a->g1, a->x, P + lay->up0_w, M, E,
-                        H, 0);
+        if (linear_grad(m, dx, lay->up0, a->g1, a->x, M, 0, pg)) return -1;
     } else if (dx) {
         memcpy(dx, a->g2, M * H * sizeof(float));
     }
+    return 0;
 }
 
 void model_logits(const Model *m, const float *h, float *out, size_t M) {
     const float *P = m->params;
+    /* with a bias the product never splits K, so it cannot fail */
     linear_forward(out, h, P + m->lay.word_emb, P + m->lay.lm_bias, M, m->d.E, m->d.V);
 }
 
-void model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M) {
-    linear_backward(dh, m->grads + m->lay.word_emb, m->grads + m->lay.lm_bias, dlogits, h,
-                    m->params + m->lay.word_emb, M, m->d.E, m->d.V, 0);
+int model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M) {
+    return linear_backward(dh, m->grads + m->lay.word_emb, m->grads + m->lay.lm_bias, dlogits, h,
+                           m->params + m->lay.word_emb, M, m->d.E, m->d.V, 0);
 }

@@ -10,19 +10,50 @@ typedef struct {
     float dropout, ln_eps;
 } ModelDims;
 
+/* Largest parameter buffer and activation workspace, in floats: far above any real
+ * model, low enough that every size and byte count derived from them fits size_t. */
+#define DL_MAX_FLOATS ((size_t)1 << 40)
+#define DL_PARAM_NAME_MAX 96
+
+/* How a tensor is initialised (PyTorch's defaults, as DiffuSeq gets them). */
+typedef enum {
+    PARAM_WEIGHT,    /* Linear weight: U(+-1/sqrt(fan_in)) */
+    PARAM_BIAS,      /* Linear bias (and the tied head's bias): U(+-1/sqrt(fan_in)) */
+    PARAM_LN_WEIGHT, /* LayerNorm weight: 1 */
+    PARAM_LN_BIAS,   /* LayerNorm bias: 0 */
+    PARAM_EMBEDDING  /* Embedding: N(0, 1) */
+} ParamKind;
+
+/* One named tensor of the flat parameter buffer. */
 typedef struct {
-    size_t qkv_w, qkv_b, ao_w, ao_b, ln1_w, ln1_b, fi_w, fi_b, fo_w, fo_b, ln2_w, ln2_b;
+    char name[DL_PARAM_NAME_MAX]; /* DiffuSeq's state-dict key */
+    size_t offset, rows, cols;    /* in floats; cols == 0: a vector of `rows` */
+    ParamKind kind;
+    size_t fan_in;
+} ParamTensor;
+
+/* One Linear layer of the forward, y = x W^T + b: W[out,in] at w, b[out] at b; index
+ * numbers the layers (the bf16 weight copy of layer i is bf16_w + bf16_offsets[i]).
+ * The query, key and value layers of an encoder layer are one product of 3H outputs. */
+typedef struct {
+    size_t w, b, out, in, index;
+} LinearParams;
+
+typedef struct {
+    const LinearParams *qkv, *ao, *fi, *fo;
+    size_t ln1_w, ln1_b, ln2_w, ln2_b;
 } LayerParams;
 
-/* Offsets (in floats) of every tensor in the flat parameter buffer. The word
- * embedding comes first so that "everything but the embedding" is a suffix. */
+/* The parameter layout, built from ModelDims by param_layout_build: the one table of
+ * every tensor (names, offsets, shapes, kinds) and the views the forward uses. The
+ * word embedding comes first so that "everything but the embedding" is a suffix. */
 typedef struct {
-    size_t word_emb, lm_bias, te0_w, te0_b, te2_w, te2_b;
-    size_t up0_w, up0_b, up2_w, up2_b; /* only when E != H */
-    size_t pos, ln_w, ln_b;
-    size_t down0_w, down0_b, down2_w, down2_b; /* only when E != H */
-    LayerParams *layers;
-    size_t total;
+    ParamTensor *tensors; /* n_tensors, in state-dict (and initialisation) order */
+    LinearParams *linear; /* n_linear */
+    LayerParams *layers;  /* N */
+    size_t n_tensors, n_linear, total;
+    size_t word_emb, lm_bias, pos, ln_w, ln_b;
+    const LinearParams *te0, *te2, *up0, *up2, *down0, *down2; /* up/down only when E != H */
 } ParamLayout;
 
 typedef struct {
@@ -39,10 +70,10 @@ typedef struct {
     float *emb_res, *mean0, *rstd0, *h0;
     LayerActs *layers;
     float *down_pre, *down_act;
-    /* backward scratch */
-    float *g1, *g2, *gbig, *gqkv, *gtemb;
     float *att_scratch; /* attention_scratch_floats() for each of att_threads threads */
     int att_threads;
+    /* backward scratch: last in the workspace, untouched by a model that only runs forwards */
+    float *g1, *g2, *gbig, *gqkv, *gtemb;
 } Activations;
 
 typedef struct {
@@ -58,15 +89,29 @@ typedef struct {
     /* bf16 inference copy of the linear weights (amx.h): packed on the first bf16
      * forward and again whenever the parameters' hash has changed since */
     uint16_t *bf16_w, *bf16_x;
-    size_t bf16_x_size, *bf16_offsets; /* bf16_offsets[i]: packed offset of linear weight i */
+    size_t bf16_x_size, *bf16_offsets; /* bf16_offsets[i]: packed offset of linear layer i */
     uint64_t bf16_hash;
 } Model;
 
-/* 0 on success; -1 with *err set (static string) on invalid dims or overflow. */
-int model_layout(const ModelDims *d, ParamLayout *lay, const char **err);
-/* Ensure workspace for batch B and length L; -1 on allocation failure/overflow. */
-int model_reserve(Model *m, size_t B, size_t L, const char **err);
-void model_init_params(Model *m, uint64_t seed);
+/* 0 when the dims are valid and the parameters fit DL_MAX_FLOATS; else -1 with *err
+ * set (a static string). Allocates nothing. */
+int model_dims_check(const ModelDims *d, const char **err);
+/* Checks the dims and builds the layout: 0, or -1 with *err set (a static string) and
+ * *oom telling an allocation failure (1) from invalid or too large sizes (0). */
+int param_layout_build(const ModelDims *d, ParamLayout *lay, const char **err, int *oom);
+void param_layout_free(ParamLayout *lay);
+
+/* Floats of the activation workspace for batch B x length L with `threads` OpenMP
+ * threads: all of it (*total) and the part a forward writes (*forward). 0, or -1 with
+ * *err set when the sizes overflow or exceed what the 32-bit BLAS addresses. */
+int model_workspace_floats(const ModelDims *d, size_t B, size_t L, int threads, size_t *total,
+                           size_t *forward, const char **err);
+
+/* 0, or -1 with *err set: invalid dims (*oom = 0) or out of memory (*oom = 1).
+ * Parameters initialised from seed, gradients zero. */
+int model_init(Model *m, const ModelDims *d, uint64_t seed, const char **err, int *oom);
+/* Ensure workspace for batch B and length L: 0, or -1 with *err set and *oom as above. */
+int model_reserve(Model *m, size_t B, size_t L, const char **err, int *oom);
 void model_free(Model *m);
 
 /* Before a bf16 forward of batch B x L: checks AMX, (re)packs the weights if they
@@ -80,12 +125,14 @@ int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err);
 void model_forward(Model *m, const float *x, const float *t, float *y, size_t B, size_t L,
                    int train, uint64_t seed, size_t row0, int bf16);
 /* dy[B,L,E], dhidden[B,L,H] or NULL, dx[B,L,E] or NULL; accumulates into m->grads
- * when param_grads. Uses the activations of the last forward. */
-void model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int param_grads);
+ * when param_grads. Uses the activations of the last forward. 0, or -1 when a product
+ * could not get its scratch memory (the gradients are then incomplete). */
+int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int param_grads);
 /* The last encoder layer's output of the last forward, [B,L,H]. */
 const float *model_hidden(const Model *m);
 
 void model_logits(const Model *m, const float *h, float *out, size_t M);
-void model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M);
+/* 0, or -1 out of memory (see model_backward). */
+int model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M);
 
 #endif

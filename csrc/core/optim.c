@@ -28,20 +28,24 @@ void clip_by_value(float *g, size_t n, float c) {
     DL_PROFILE_END(DL_K_OPTIMIZER);
 }
 
+/* Chunk sums in double, added in chunk order; NORM_GROUP chunks at a time so that the
+ * partial sums live on the stack (no allocation that could fail). */
+#define NORM_GROUP 256
+
 double global_norm(const float *g, size_t n) {
     size_t nc = (n + NORM_CHUNK - 1) / NORM_CHUNK;
-    double *part = malloc((nc ? nc : 1) * sizeof(double));
-    if (!part) return NAN;
-#pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
-    for (size_t c = 0; c < nc; c++) {
-        size_t i0 = c * NORM_CHUNK, i1 = i0 + NORM_CHUNK < n ? i0 + NORM_CHUNK : n;
-        double s = 0.0;
-        for (size_t i = i0; i < i1; i++) s += (double)g[i] * g[i];
-        part[c] = s;
+    double total = 0.0, part[NORM_GROUP];
+    for (size_t c0 = 0; c0 < nc; c0 += NORM_GROUP) {
+        size_t c1 = c0 + NORM_GROUP < nc ? c0 + NORM_GROUP : nc;
+#pragma omp parallel for schedule(static) if ((c1 - c0) * NORM_CHUNK > DL_PAR_MIN)
+        for (size_t c = c0; c < c1; c++) {
+            size_t i0 = c * NORM_CHUNK, i1 = i0 + NORM_CHUNK < n ? i0 + NORM_CHUNK : n;
+            double s = 0.0;
+            for (size_t i = i0; i < i1; i++) s += (double)g[i] * g[i];
+            part[c - c0] = s;
+        }
+        for (size_t c = c0; c < c1; c++) total += part[c - c0];
     }
-    double total = 0.0;
-    for (size_t c = 0; c < nc; c++) total += part[c];
-    free(part);
     return sqrt(total);
 }
 

@@ -67,8 +67,8 @@ int64_t *tokens_to_int64(PyObject *obj, const char *name, size_t V, npy_intp *sh
     if (!check_array(obj, name, t, 2, NULL, 0)) return NULL;
     shape2[0] = PyArray_DIM(a, 0);
     shape2[1] = PyArray_DIM(a, 1);
-    size_t n = (size_t)shape2[0] * (size_t)shape2[1];
-    int64_t *out = malloc((n ? n : 1) * sizeof(int64_t));
+    size_t n = (size_t)PyArray_SIZE(a), bytes;
+    int64_t *out = dl_mul_overflows(n ? n : 1, sizeof(int64_t), &bytes) ? NULL : malloc(bytes);
     if (!out) {
         PyErr_NoMemory();
         return NULL;
@@ -118,4 +118,11 @@ PyArrayObject *check_ble(PyObject *o, const char *name, npy_intp *ble) {
         for (int i = 0; i < 3; i++) ble[i] = PyArray_DIM(a, i);
     }
     return a;
+}
+
+int check_blas_size(const char *what, size_t n) {
+    if (n <= DL_BLAS_MAX) return 0;
+    PyErr_Format(PyExc_ValueError, "%s is %zu, more than 2^31-1, the largest size the 32-bit BLAS takes",
+                 what, n);
+    return -1;
 }

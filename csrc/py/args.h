@@ -26,11 +26,16 @@ PyObject *new_float_array(int nd, const npy_intp *shape);
  * else exactly ble. */
 PyArrayObject *check_ble(PyObject *o, const char *name, npy_intp *ble);
 
+/* 0 when n fits a 32-bit BLAS size argument, else -1 with ValueError naming `what`. */
+int check_blas_size(const char *what, size_t n);
+
 static inline float *fdata(PyArrayObject *a) { return (float *)PyArray_DATA(a); }
 
 extern PyMethodDef optim_methods[];
 extern PyMethodDef diffusion_methods[];
 extern PyMethodDef distill_methods[];
 extern PyMethodDef kernel_methods[];
+extern PyMethodDef model_functions[];
+extern PyTypeObject ModelType;
 
 #endif

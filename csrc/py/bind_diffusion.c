@@ -103,6 +103,8 @@ static PyObject *py_affine_argmax(PyObject *mod, PyObject *args) {
     if (!W) return NULL;
     size_t V = (size_t)PyArray_DIM(W, 0), E = (size_t)PyArray_DIM(W, 1), M;
     if (V == 0 || E == 0) return PyErr_Format(PyExc_ValueError, "W must be non-empty");
+    if (check_blas_size("the number of rows of W", V) || check_blas_size("the width of W", E))
+        return NULL;
     PyArrayObject *x = check_rows(xo, "x", E, &M);
     if (!x) return NULL;
     npy_intp vs[1] = {(npy_intp)V};
@@ -117,9 +119,15 @@ static PyObject *py_affine_argmax(PyObject *mod, PyObject *args) {
     }
     PyObject *out = PyArray_ZEROS(nd - 1, PyArray_DIMS(x), NPY_INT64, 0);
     if (!out) return NULL;
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    affine_argmax((int64_t *)PyArray_DATA((PyArrayObject *)out), fdata(x), fdata(W), fdata(c), active, M, E, V);
+    failed = affine_argmax((int64_t *)PyArray_DATA((PyArrayObject *)out), fdata(x), fdata(W), fdata(c),
+                           active, M, E, V);
     Py_END_ALLOW_THREADS
+    if (failed) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
     return out;
 }
 

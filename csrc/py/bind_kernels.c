@@ -29,7 +29,8 @@ static PyObject *py_elementwise(PyObject *mod, PyObject *args) {
     } else if (!strcmp(op, "silu")) {
         silu_forward(y, a, n);
     } else if (!strcmp(op, "gelu_grad") || !strcmp(op, "silu_grad")) {
-        ones = malloc((n ? n : 1) * sizeof(float));
+        size_t bytes;
+        ones = dl_mul_overflows(n ? n : 1, sizeof(float), &bytes) ? NULL : malloc(bytes);
         if (!ones) {
             Py_DECREF(out);
             return PyErr_NoMemory();
@@ -89,6 +90,39 @@ static PyObject *py_layernorm_backward(PyObject *mod, PyObject *args) {
     return Py_BuildValue("(NNN)", dx, dw, db);
 }
 
+/* The sizes of attention and attention_backward from qkv[B, L, 3H] and the heads: both
+ * directions check the same things. 0, or -1 with an exception. */
+static int attention_sizes(PyArrayObject *q, Py_ssize_t A, float p, size_t *B, size_t *L,
+                           size_t *H) {
+    npy_intp b = PyArray_DIM(q, 0), l = PyArray_DIM(q, 1), h3 = PyArray_DIM(q, 2);
+    if (A < 1 || h3 < 3 || h3 % (3 * A) || b < 1 || l < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "qkv must be [B, L, 3H] with B, L >= 1 and H a positive multiple of heads=%zd", A);
+        return -1;
+    }
+    if (!(p >= 0.0f && p < 1.0f)) {
+        PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1), got %g", p);
+        return -1;
+    }
+    /* L and 3H are sizes and leading dimensions of the per-head products */
+    if (check_blas_size("the length of qkv", (size_t)l) || check_blas_size("the width of qkv", (size_t)h3))
+        return -1;
+    *B = (size_t)b;
+    *L = (size_t)l;
+    *H = (size_t)(h3 / 3);
+    return 0;
+}
+
+/* Scratch of attention_scratch_floats for each thread; NULL with MemoryError. */
+static float *attention_scratch(size_t L, size_t H, size_t A, int threads) {
+    size_t bytes;
+    float *s = NULL;
+    if (!dl_mul_overflows(attention_scratch_floats(L, H, A), (size_t)threads * sizeof(float), &bytes))
+        s = malloc(bytes);
+    if (!s) PyErr_NoMemory();
+    return s;
+}
+
 static PyObject *py_attention(PyObject *mod, PyObject *args) {
     PyObject *qo;
     Py_ssize_t A;
@@ -96,25 +130,19 @@ static PyObject *py_attention(PyObject *mod, PyObject *args) {
     unsigned long long seed = 0;
     if (!PyArg_ParseTuple(args, "On|fK", &qo, &A, &p, &seed)) return NULL;
     PyArrayObject *q = check_array(qo, "qkv", NPY_FLOAT32, 3, NULL, 0);
-    if (!q) return NULL;
-    npy_intp B = PyArray_DIM(q, 0), L = PyArray_DIM(q, 1), H3 = PyArray_DIM(q, 2);
-    if (A < 1 || H3 % (3 * A) || B < 1 || L < 1)
-        return PyErr_Format(PyExc_ValueError, "qkv must be [B, L, 3H] with H divisible by heads=%zd", A);
-    if (!(p >= 0.0f && p < 1.0f)) return PyErr_Format(PyExc_ValueError, "dropout must be in [0, 1)");
-    npy_intp cs[3] = {B, L, H3 / 3}, as[4] = {B, (npy_intp)A, L, L};
+    size_t B, L, H;
+    if (!q || attention_sizes(q, A, p, &B, &L, &H)) return NULL;
+    npy_intp cs[3] = {(npy_intp)B, (npy_intp)L, (npy_intp)H}, as[4] = {(npy_intp)B, (npy_intp)A, (npy_intp)L, (npy_intp)L};
     PyObject *ctx = new_float_array(3, cs), *att = new_float_array(4, as);
-    if (!ctx || !att) {
-        Py_XDECREF(ctx); Py_XDECREF(att);
+    int threads = dl_max_threads();
+    float *scratch = ctx && att ? attention_scratch(L, H, (size_t)A, threads) : NULL;
+    if (!scratch) {
+        Py_XDECREF(ctx);
+        Py_XDECREF(att);
         return NULL;
     }
-    int threads = dl_max_threads();
-    float *scratch = malloc((size_t)threads * attention_scratch_floats((size_t)L, (size_t)(H3 / 3), (size_t)A) * sizeof(float));
-    if (!scratch) {
-        Py_DECREF(ctx); Py_DECREF(att);
-        return PyErr_NoMemory();
-    }
-    attention_forward(fdata((PyArrayObject *)ctx), fdata((PyArrayObject *)att), fdata(q), (size_t)B,
-                      (size_t)L, (size_t)(H3 / 3), (size_t)A, p, seed, 0, 0, scratch, threads);
+    attention_forward(fdata((PyArrayObject *)ctx), fdata((PyArrayObject *)att), fdata(q), B, L, H,
+                      (size_t)A, p, seed, 0, 0, scratch, threads);
     free(scratch);
     return Py_BuildValue("(NN)", ctx, att);
 }
@@ -126,23 +154,21 @@ static PyObject *py_attention_backward(PyObject *mod, PyObject *args) {
     unsigned long long seed = 0;
     if (!PyArg_ParseTuple(args, "OOOn|fK", &go, &ao, &qo, &A, &p, &seed)) return NULL;
     PyArrayObject *q = check_array(qo, "qkv", NPY_FLOAT32, 3, NULL, 0);
-    if (!q) return NULL;
-    npy_intp B = PyArray_DIM(q, 0), L = PyArray_DIM(q, 1), H3 = PyArray_DIM(q, 2);
-    if (A < 1 || H3 % (3 * A)) return PyErr_Format(PyExc_ValueError, "qkv must be [B, L, 3H] with H divisible by heads");
-    npy_intp cs[3] = {B, L, H3 / 3}, as[4] = {B, (npy_intp)A, L, L};
+    size_t B, L, H;
+    if (!q || attention_sizes(q, A, p, &B, &L, &H)) return NULL;
+    npy_intp cs[3] = {(npy_intp)B, (npy_intp)L, (npy_intp)H}, as[4] = {(npy_intp)B, (npy_intp)A, (npy_intp)L, (npy_intp)L};
     PyArrayObject *g = check_array(go, "grad_ctx", NPY_FLOAT32, 3, cs, 0);
     PyArrayObject *a = g ? check_array(ao, "att", NPY_FLOAT32, 4, as, 0) : NULL;
     if (!a) return NULL;
     PyObject *dq = new_float_array(3, PyArray_DIMS(q));
-    if (!dq) return NULL;
     int threads = dl_max_threads();
-    float *scratch = malloc((size_t)threads * attention_scratch_floats((size_t)L, (size_t)(H3 / 3), (size_t)A) * sizeof(float));
+    float *scratch = dq ? attention_scratch(L, H, (size_t)A, threads) : NULL;
     if (!scratch) {
-        Py_DECREF(dq);
-        return PyErr_NoMemory();
+        Py_XDECREF(dq);
+        return NULL;
     }
-    attention_backward(fdata((PyArrayObject *)dq), fdata(g), fdata(a), fdata(q), (size_t)B, (size_t)L,
-                       (size_t)(H3 / 3), (size_t)A, p, seed, 0, 0, scratch, threads);
+    attention_backward(fdata((PyArrayObject *)dq), fdata(g), fdata(a), fdata(q), B, L, H, (size_t)A,
+                       p, seed, 0, 0, scratch, threads);
     free(scratch);
     return dq;
 }
@@ -174,13 +200,22 @@ static PyObject *py_linear(PyObject *mod, PyObject *args) {
     npy_intp N = PyArray_DIM(w, 0), bs[1] = {N}, ys[2] = {M, N};
     PyArrayObject *b = NULL;
     if (bo != Py_None && !(b = check_array(bo, "bias", NPY_FLOAT32, 1, bs, 0))) return NULL;
+    if (check_blas_size("the number of rows of x", (size_t)M) ||
+        check_blas_size("the width of x", (size_t)K) ||
+        check_blas_size("the number of rows of weight", (size_t)N))
+        return NULL;
     PyObject *y = new_float_array(2, ys);
     if (!y) return NULL;
     float *yd = fdata((PyArrayObject *)y);
     const float *xd = fdata(x), *wd = fdata(w), *bd = b ? fdata(b) : NULL;
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    linear_forward(yd, xd, wd, bd, (size_t)M, (size_t)K, (size_t)N);
+    failed = linear_forward(yd, xd, wd, bd, (size_t)M, (size_t)K, (size_t)N);
     Py_END_ALLOW_THREADS
+    if (failed) {
+        Py_DECREF(y);
+        return PyErr_NoMemory();
+    }
     return y;
 }
 
