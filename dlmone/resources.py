@@ -2,8 +2,8 @@
 
 :func:`estimate_memory` adds up, per component, the bytes a teacher run or a
 distillation keeps resident at its peak: the flat parameter, gradient and optimizer
-buffers of every network, the activation workspace of the C model (the exact formula
-of ``model_reserve`` in csrc/core/model.c, see :func:`workspace_bytes`) and the largest
+buffers of every network, the activation workspace of the C model (computed by the C
+core's own workspace layout, see :func:`workspace_bytes`) and the largest
 temporary arrays of one step. :func:`check_memory` compares the total with
 ``max_memory`` or, without one, with the MemAvailable of /proc/meminfo, and refuses a
 run that would not fit before it allocates anything large.
@@ -15,6 +15,7 @@ resident memory and are not counted. Saving a checkpoint streams the buffers to 
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, Mapping, Optional, Union
 
@@ -63,25 +64,23 @@ def format_bytes(n: int) -> str:
     return f"{size:.1f} TiB"
 
 
+def _dims(config: ModelConfig) -> Dict[str, int]:
+    """The sizes the C core's layout functions take."""
+    return dict(vocab_size=config.vocab_size, emb_dim=config.emb_dim, hidden_dim=config.hidden_dim,
+                num_layers=config.num_layers, num_heads=config.num_heads, ffn_dim=config.ffn_dim,
+                time_dim=config.time_dim, max_positions=config.max_positions)
+
+
 def workspace_bytes(config: ModelConfig, batch: int, length: Optional[int] = None,
                     backward: bool = True, threads: Optional[int] = None) -> int:
     """The activation workspace the C model allocates for a forward of [batch, length]
     (``length`` defaults to ``config.seq_len``) with ``threads`` OpenMP threads (default:
     the current setting); ``backward=False``: only its forward part, which is all that a
-    model that never runs backward writes."""
-    E, H, F, N, A, Dt = (config.emb_dim, config.hidden_dim, config.ffn_dim, config.num_layers,
-                         config.num_heads, config.time_dim)
-    B = batch
+    model that never runs backward writes. Computed by the C core's own layout
+    (``model_workspace_floats`` in csrc/core/model.c), without allocating."""
     L = config.seq_len if length is None else length
-    M = B * L
-    proj = 5 * M * H if E != H else 0  # input_up_proj (3 buffers), output_down_proj (2)
-    forward = (M * E + B * Dt + 2 * B * 4 * Dt + B * H  # x, time embedding
-               + 2 * M * H + 2 * M                        # embedding LayerNorm
-               + N * (M * (8 * H + 2 * F + 4) + B * A * L * L)  # encoder layers
-               + proj
-               + (threads or _core.get_num_threads()) * 2 * L * L)  # attention scratch per thread
-    scratch = 5 * M * H + M * max(F, 3 * H) + B * (4 * Dt + H)
-    return FLOAT * (forward + (scratch if backward else 0))
+    return _core.workspace_bytes(**_dims(config), batch=batch, length=L, threads=threads or 0,
+                                 backward=backward)
 
 
 def estimate_memory(config: ModelConfig, batch_size: int, kind: str = "teacher",
@@ -134,13 +133,8 @@ def estimate_memory(config: ModelConfig, batch_size: int, kind: str = "teacher",
 
 
 def _num_parameters(c: ModelConfig) -> int:
-    """Length of the flat parameter buffer (``model_layout`` in csrc/core/model.c)."""
-    V, E, H, F, T4 = c.vocab_size, c.emb_dim, c.hidden_dim, c.ffn_dim, 4 * c.time_dim
-    n = V * E + V + T4 * c.time_dim + T4 + H * T4 + H + c.max_positions * H + 2 * H
-    n += c.num_layers * (3 * H * H + 3 * H + H * H + H + 2 * H + F * H + F + H * F + H + 2 * H)
-    if E != H:
-        n += (H * E + H + H * H + H) + (H * H + H + E * H + E)
-    return n
+    """Length of the flat parameter buffer, from the C core's parameter table."""
+    return max(off + math.prod(shape) for _, off, shape in _core.param_layout(**_dims(c)))
 
 
 def available_memory() -> Optional[int]:

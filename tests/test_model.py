@@ -1005,3 +1005,175 @@ def test_row_offset_gives_shards_the_whole_batch_dropout(rng):
     assert not np.array_equal(m.forward(x[2:], t[2:], train=True, seed=77), y[2:])
     with pytest.raises(ValueError, match="row_offset"):
         m.forward(x, t, train=True, seed=77, row_offset=-1)
+
+
+# ----------------------------------------------------------------------------
+# one model, several Python threads; re-initialisation; sizes at the limits
+# (named without "thread": the CI's ASan run keeps these)
+# ----------------------------------------------------------------------------
+
+
+def test_concurrent_calls_on_one_model_return_the_result_or_raise(rng):
+    """Four Python threads share one model, with batch sizes 1, 64, 3, 128 (each forward
+    may reallocate the workspace), and a fifth mixes the other methods in. Every call
+    returns exactly the single-threaded result or raises RuntimeError; none crashes."""
+    import threading
+
+    cfg = dlmone.ModelConfig(vocab_size=40, seq_len=16, emb_dim=16, hidden_dim=32, num_layers=2,
+                             num_heads=4, ffn_dim=64, time_dim=16, dropout=0.0)
+    m = dlmone.DiffusionTransformer(cfg, seed=3)
+    batches = (1, 64, 3, 128)
+    xs = {B: rng.standard_normal((B, cfg.seq_len, cfg.emb_dim)).astype(np.float32) for B in batches}
+    ts = {B: rng.integers(0, cfg.diffusion_steps, size=B) for B in batches}
+    tokens = rng.integers(0, cfg.vocab_size, size=(5, cfg.seq_len))
+    expected = {B: m.forward(xs[B], ts[B]) for B in batches}
+    expected_logits = m.logits(expected[3])
+    expected_embed = m.embed(tokens)
+    iterations = 40
+    start = threading.Barrier(len(batches) + 1)
+    outcome = {}
+
+    def forwards(B):
+        ok = busy = 0
+        start.wait()
+        for _ in range(iterations):
+            try:
+                y = m.forward(xs[B], ts[B])
+            except RuntimeError as e:
+                assert "another thread" in str(e), e
+                busy += 1
+                continue
+            assert np.array_equal(y, expected[B]), f"batch {B}: a concurrent forward changed the result"
+            ok += 1
+        outcome[B] = (ok, busy)
+
+    def others():
+        ok = busy = 0
+        start.wait()
+        for i in range(iterations):
+            try:
+                if i % 4 == 0:
+                    assert np.array_equal(m.logits(expected[3]), expected_logits)
+                elif i % 4 == 1:
+                    assert np.array_equal(m.embed(tokens), expected_embed)
+                elif i % 4 == 2:
+                    m.embed_backward(tokens, expected_embed)
+                else:
+                    m.zero_grad()
+                ok += 1
+            except RuntimeError as e:
+                assert "another thread" in str(e), e
+                busy += 1
+        outcome["others"] = (ok, busy)
+
+    workers = [threading.Thread(target=forwards, args=(B,)) for B in batches]
+    workers.append(threading.Thread(target=others))
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(outcome) == len(workers), "a worker failed an assertion (see the thread's traceback)"
+    for key, (ok, busy) in outcome.items():
+        assert ok + busy == iterations, key
+    assert sum(ok for ok, _ in outcome.values()) > 0
+    # afterwards the model works as before
+    for B in batches:
+        assert np.array_equal(m.forward(xs[B], ts[B]), expected[B])
+    m.zero_grad()
+    m.backward(np.ones_like(xs[128]))
+    assert np.isfinite(m.grad_buffer).all()
+
+
+def test_second_init_raises_and_keeps_the_buffers():
+    """__init__ on a live model would free the buffers under live numpy views."""
+    core = dlmone._core.Model(31, 8, 12, 2, 3, 20, 8, 12, 0.0, 1e-12, 1)
+    params, grads = core.params, core.grads
+    before = params.copy()
+    with pytest.raises(RuntimeError, match="initialised"):
+        core.__init__(5, 4, 4, 1, 1, 4, 2, 4)
+    assert params.shape == before.shape and np.array_equal(params, before)
+    grads[:] = 1.0  # still the model's memory
+    assert np.array_equal(core.grads, grads)
+    y = core.forward(np.zeros((2, 3, 8), np.float32), np.zeros(2, np.float32))
+    assert y.shape == (2, 3, 8)
+
+
+def test_model_without_init_raises():
+    core = dlmone._core.Model.__new__(dlmone._core.Model)
+    for call in (lambda: core.forward(np.zeros((1, 1, 8), np.float32), np.zeros(1, np.float32)),
+                 lambda: core.backward(np.zeros((1, 1, 8), np.float32)), core.hidden, core.zero_grad,
+                 core.layout, lambda: core.params, lambda: core.grads,
+                 lambda: core.logits(np.zeros((1, 8), np.float32))):
+        with pytest.raises(RuntimeError, match="__init__"):
+            call()
+
+
+SMALL_DIMS = dict(vocab_size=5, emb_dim=4, hidden_dim=4, num_layers=1, num_heads=1, ffn_dim=4,
+                  time_dim=2, max_positions=4)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(vocab_size=2**31), "2\\^31-1"),                       # a product width beyond 32-bit BLAS
+    (dict(hidden_dim=2**30, num_heads=1), "2\\^31-1"),          # 3H beyond 32-bit BLAS
+    (dict(time_dim=2**29), "2\\^31-1"),                         # 4*time_dim
+    (dict(vocab_size=2**30, emb_dim=2**20), "2\\^40"),          # V*E parameters
+    (dict(num_layers=2**62), "2\\^40"),                         # layers x layer size
+    (dict(max_positions=2**62), "2\\^40"),                      # P*H overflows size_t
+    (dict(num_layers=2**40, hidden_dim=2**20), "2\\^40"),
+])
+def test_huge_sizes_raise_value_error(overrides, match):
+    dims = dict(SMALL_DIMS, **overrides)
+    with pytest.raises(ValueError, match=match):
+        dlmone._core.Model(**dims)
+    with pytest.raises(ValueError, match=match):
+        dlmone._core.param_layout(**dims)
+    with pytest.raises(ValueError, match=match):
+        dlmone._core.workspace_bytes(**dims, batch=1, length=1)
+
+
+def test_huge_batches_raise_value_error():
+    # batch*length beyond the 32-bit BLAS; then activations beyond 2^40 floats
+    with pytest.raises(ValueError, match="2\\^31-1"):
+        dlmone._core.workspace_bytes(**dict(SMALL_DIMS, max_positions=2**16), batch=2**15, length=2**16)
+    with pytest.raises(ValueError, match="2\\^40"):
+        dlmone._core.workspace_bytes(**dict(SMALL_DIMS, num_layers=2**12, max_positions=2**15),
+                                     batch=2**15, length=2**15)
+    with pytest.raises(ValueError, match="max_positions"):
+        dlmone._core.workspace_bytes(**SMALL_DIMS, batch=1, length=5)
+    assert dlmone._core.workspace_bytes(**SMALL_DIMS, batch=2**31 - 1, length=1) > 2**31
+
+
+def test_forward_of_a_batch_beyond_blas_raises_value_error(tmp_path):
+    """x with 2^31 rows (a sparse file: no memory) is refused before anything is read."""
+    dims = dict(SMALL_DIMS, emb_dim=1, max_positions=2**16)
+    core = dlmone._core.Model(**dims)
+    B, L = 2**15, 2**16
+    path = tmp_path / "x.bin"
+    with open(path, "wb") as f:
+        f.truncate(B * L * 4)
+    x = np.memmap(path, dtype=np.float32, mode="r", shape=(B, L, 1))
+    core.forward(np.zeros((1, 2, 1), np.float32), np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="2\\^31-1"):
+        core.forward(x, np.zeros(B, np.float32))
+    with pytest.raises(RuntimeError, match="before forward"):
+        core.backward(np.zeros((1, 2, 1), np.float32))  # the failed forward left no activations
+    with pytest.raises(ValueError, match="rows of h"):
+        core.logits(x.reshape(B * L, 1))
+    del x
+
+
+def test_param_layout_is_the_model_layout():
+    for dims in (SMALL_DIMS, dict(SMALL_DIMS, emb_dim=3, num_layers=3),
+                 dict(vocab_size=31, emb_dim=8, hidden_dim=12, num_layers=2, num_heads=3, ffn_dim=20,
+                      time_dim=8, max_positions=12)):
+        core = dlmone._core.Model(**dims)
+        layout = dlmone._core.param_layout(**dims)
+        assert layout == core.layout()
+        covered = np.zeros(core.params.size, np.int64)
+        for name, off, shape in layout:
+            covered[off:off + int(np.prod(shape))] += 1
+        assert (covered == 1).all(), "the tensors tile the buffer exactly once"
+        from dlmone.resources import _num_parameters
+        cfg = dlmone.ModelConfig(vocab_size=dims["vocab_size"], seq_len=dims["max_positions"],
+                                 **{k: v for k, v in dims.items() if k not in ("vocab_size",)})
+        assert _num_parameters(cfg) == core.params.size

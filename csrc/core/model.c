@@ -34,16 +34,17 @@ static float *take_ptr(Cursor *c, size_t a, size_t b) {
 
 /* ---------- the parameter table ---------- */
 
-/* Fills a ParamLayout; with lay->tensors == NULL it only counts (tensors, Linear layers,
- * floats), which is how param_layout_build sizes the arrays before filling them. */
+/* Fills a ParamLayout; without `fill` it only counts (tensors, Linear layers, floats),
+ * which is how param_layout_build sizes the arrays before filling them. */
 typedef struct {
     ParamLayout *lay;
     Cursor c;
     int fill;
 } TableBuilder;
 
-__attribute__((format(printf, 7, 8))) static void add_tensor(TableBuilder *tb, size_t off, size_t rows, size_t cols, ParamKind kind,
-                       size_t fan_in, const char *fmt, ...) {
+__attribute__((format(printf, 7, 8))) static void
+add_tensor(TableBuilder *tb, size_t off, size_t rows, size_t cols, ParamKind kind, size_t fan_in,
+           const char *fmt, ...) {
     ParamLayout *lay = tb->lay;
     if (tb->fill) {
         ParamTensor *t = &lay->tensors[lay->n_tensors];
@@ -145,7 +146,9 @@ static void build_table(const ModelDims *d, TableBuilder *tb) {
     lay->total = tb->c.pos;
 }
 
-int model_dims_check(const ModelDims *d, const char **err) {
+/* Checks the dims and counts the table into *counts (no arrays). 0, or -1 with *err. */
+static int count_table(const ModelDims *d, ParamLayout *counts, const char **err) {
+    memset(counts, 0, sizeof(*counts));
     if (!d->V || !d->E || !d->H || !d->N || !d->A || !d->F || !d->Dt || !d->P) {
         *err = "every size must be positive";
         return -1;
@@ -165,28 +168,28 @@ int model_dims_check(const ModelDims *d, const char **err) {
                "must be at most 2^31-1 (32-bit BLAS)";
         return -1;
     }
-    ParamLayout lay;
-    memset(&lay, 0, sizeof(lay));
-    TableBuilder tb = {&lay, {0, 0, NULL}, 0};
+    TableBuilder tb = {counts, {0, 0, NULL}, 0};
     build_table(d, &tb);
-    if (tb.c.overflow || lay.total > DL_MAX_FLOATS) {
+    if (tb.c.overflow || counts->total > DL_MAX_FLOATS) {
         *err = "sizes too large: more than 2^40 parameters";
         return -1;
     }
     return 0;
 }
 
+int model_dims_check(const ModelDims *d, const char **err) {
+    ParamLayout counts;
+    return count_table(d, &counts, err);
+}
+
 int param_layout_build(const ModelDims *d, ParamLayout *lay, const char **err, int *oom) {
+    ParamLayout counts;
     memset(lay, 0, sizeof(*lay));
     *oom = 0;
-    if (model_dims_check(d, err)) return -1;
-    TableBuilder tb = {lay, {0, 0, NULL}, 0};
-    build_table(d, &tb); /* counts */
-    size_t n_tensors = lay->n_tensors, n_linear = lay->n_linear;
-    ParamTensor *tensors = calloc(n_tensors, sizeof(ParamTensor));
-    LinearParams *linear = calloc(n_linear, sizeof(LinearParams));
+    if (count_table(d, &counts, err)) return -1;
+    ParamTensor *tensors = calloc(counts.n_tensors, sizeof(ParamTensor));
+    LinearParams *linear = calloc(counts.n_linear, sizeof(LinearParams));
     LayerParams *layers = calloc(d->N, sizeof(LayerParams));
-    memset(lay, 0, sizeof(*lay));
     lay->tensors = tensors;
     lay->linear = linear;
     lay->layers = layers;
@@ -196,7 +199,7 @@ int param_layout_build(const ModelDims *d, ParamLayout *lay, const char **err, i
         *oom = 1;
         return -1;
     }
-    tb = (TableBuilder){lay, {0, 0, NULL}, 1};
+    TableBuilder tb = {lay, {0, 0, NULL}, 1};
     build_table(d, &tb);
     return 0;
 }

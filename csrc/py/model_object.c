@@ -221,7 +221,6 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     }
     if (acquire(self)) return NULL;
     Model *m = &self->m;
-    m->has_forward = 0; /* a failed forward leaves no activations for backward */
     PyObject *y = NULL;
     npy_intp xs[3] = {-1, -1, (npy_intp)m->d.E};
     PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, 3, xs, 0), *t = NULL;
@@ -239,6 +238,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     if (!(t = check_array(to, "t", NPY_FLOAT32, 1, ts, 0))) goto done;
     const char *err = NULL;
     int oom = 0;
+    m->has_forward = 0; /* from here on a failure leaves no activations for backward */
     if (model_reserve(m, B, L, &err, &oom)) {
         PyErr_Format(oom ? PyExc_MemoryError : PyExc_ValueError, "%s (batch %zu, length %zu)", err,
                      B, L);
