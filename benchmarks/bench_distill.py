@@ -4,8 +4,8 @@ SPEC §6.3-§6.4) against the same step written in PyTorch on the reference netw
 
 Both sides: teacher φ frozen; generator G and fake score ψ initialised from φ (the
 same weights on both sides); word embedding and lm_head.bias frozen; every network
-run in eval mode (the Distiller never enables dropout); the "mean" discriminator
-head; stage-1 loss weights; Adam with β = (0, 0.999), clipping by value, a skipped
+run in eval mode (the Distiller never enables dropout); the default token-pooled
+discriminator (SPEC §6.3); stage-1 loss weights; Adam with β = (0, 0.999), clipping by value, a skipped
 update on a non-finite loss or gradient (dlmone's NonFiniteGuard; torch: the total
 gradient norm checked); DistillConfig's defaults (batch 64, t_init 1490, t in
 [0, 1976]). Noise: dlmone's counter-based generator vs torch.randn/randint.
@@ -54,8 +54,8 @@ class TorchDistiller:
         from dlmone.distill import FROZEN
 
         c = dist.config
-        if c.disc_head != "mean":
-            raise ValueError("the PyTorch step implements the default 'mean' discriminator head only")
+        if c.disc_head != "token":
+            raise ValueError("the PyTorch step implements the default 'token' discriminator only")
         self.torch = torch
         self.config, self.weights = c, dist.weights
         self.E = dist.phi.config.emb_dim
@@ -108,12 +108,14 @@ class TorchDistiller:
 
     @staticmethod
     def _disc(hidden, mask):
-        """D: the mean over the hidden dimension, averaged over target positions."""
-        return (hidden.mean(-1) * mask).sum(1) / mask.sum(1)
+        """D: H logits per example, the hidden state averaged over target positions."""
+        return (hidden * mask[:, :, None]).sum(1) / mask.sum(1)[:, None]
 
     def _bce(self, logit, target):
+        """Per example: the mean BCE over its H logits."""
         F = self.torch.nn.functional
-        return F.binary_cross_entropy_with_logits(logit.clamp(-10.0, 10.0), target, reduction="none")
+        full = target[:, None].expand_as(logit)
+        return F.binary_cross_entropy_with_logits(logit.clamp(-10.0, 10.0), full, reduction="none").mean(1)
 
     def _update(self, loss, params, opt) -> None:
         torch = self.torch
@@ -168,7 +170,7 @@ class TorchDistiller:
             loss, out = sid.mean(), {"sid": sid.mean()}
             if c.adversarial and w.b_g > 0:
                 bce = self._bce(self._disc(self.psi.last_hidden, mask), torch.ones(B))
-                loss = loss + (w.b_g * n_entries * bce).mean()
+                loss = loss + w.b_g * c.adv_weight * bce.mean()
                 out["g_bce"] = bce.mean()
             self.opt_g.zero_grad()
             loss.backward()

@@ -25,13 +25,37 @@ from .diffusion import derive_seed, gaussian
 from .distributed import LocalComm, world
 from .metrics import bleu, empty_rate, mean_length, repeated_token_rate, self_bleu
 from .model import DiffusionTransformer
-from .optim import AdamW, NonFiniteGuard
+from .optim import EMA, AdamW, NonFiniteGuard
 from .resources import check_memory, estimate_memory, parse_bytes
 from .sample import student_sample
 from .teacher import JsonlLog, NullLog, SequenceModel, Teacher, discard, latest_checkpoint
 
 PathLike = Union[str, Path]
 FROZEN = ("word_embedding.weight", "lm_head.bias")
+DISC_HEADS = ("token", "hidden_mean", "linear")
+
+
+def disc_weights(kind: str, mask: np.ndarray, hidden_dim: int) -> np.ndarray:
+    """[n, K] weights that average the BCE of an example's K discriminator logits: 1/H
+    over the H pooled channels ("token"), 1 for the single logit ("hidden_mean"), 1/count
+    over its target+pad positions ("linear")."""
+    n = len(mask)
+    if kind == "token":
+        return np.full((n, hidden_dim), 1.0 / hidden_dim, np.float32)
+    if kind == "hidden_mean":
+        return np.ones((n, 1), np.float32)
+    m = (mask > 0).astype(np.float32)
+    return m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
+
+
+def auc(real: np.ndarray, fake: np.ndarray) -> float:
+    """P(score_real > score_fake) + ½ P(tie): the area under D's ROC curve."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if not len(real) or not len(fake):
+        return float("nan")
+    greater = (real[:, None] > fake[None, :]).mean()
+    ties = (real[:, None] == fake[None, :]).mean()
+    return float(greater + 0.5 * ties)
 
 
 @dataclass
@@ -52,7 +76,14 @@ class DistillConfig:
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=lambda: StageConfig(alpha=0.5, b_psi=0.9, b_g=0.1))
     adversarial: bool = True
-    disc_head: str = "mean"         # "mean": mean over the hidden dim; "linear": Linear(H -> 1)
+    # D_psi on psi's last hidden state (SPEC §6.3): "token" pools over target+pad positions,
+    # H logits per example; "hidden_mean" (inert, an ablation) averages over the hidden
+    # dim too; "linear" is a Linear(H -> 1) head with one logit per position.
+    disc_head: str = "token"
+    adv_weight: float = 1.0         # λ_adv of SPEC §6.4: L_G = L_SiD + b_G λ_adv BCE
+    psi_warmup: int = 0             # ψ-only steps at the start of each stage (G frozen)
+    adv_start: int = 0              # G's adversarial term is off before this step of a stage
+    g_ema: float = 0.0              # decay of an EMA of G that validation and the student use; 0: off
     lr_g: float = 5e-5
     lr_psi: float = 2e-4
     clip_value: float = 1.0
@@ -84,8 +115,16 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
-        if self.disc_head not in ("mean", "linear"):
-            raise ValueError(f"disc_head must be 'mean' or 'linear', got {self.disc_head!r}")
+        if self.disc_head not in DISC_HEADS:
+            raise ValueError(f"disc_head must be one of {DISC_HEADS}, got {self.disc_head!r}")
+        for name in ("psi_warmup", "adv_start"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if not 0.0 <= self.g_ema < 1.0:
+            raise ValueError(f"g_ema must be in [0, 1), got {self.g_ema}")
+        if not self.adv_weight >= 0:
+            raise ValueError(f"adv_weight must be >= 0, got {self.adv_weight}")
         if not 1 <= self.eval_steps <= 8:
             raise ValueError(f"eval_steps must be in [1, 8], got {self.eval_steps}")
         for name in ("lr_g", "lr_psi", "clip_value"):
@@ -183,6 +222,8 @@ class Distiller:
         self.opt_g = AdamW(self.G, lr=config.lr_g, betas=betas, clip_value=config.clip_value, frozen=FROZEN)
         self.opt_psi = AdamW(self.psi, lr=config.lr_psi, betas=betas, clip_value=config.clip_value,
                              frozen=FROZEN)
+        # G_ema (SiD evaluates an EMA of G): what validation scores and the student keeps
+        self.G_ema = EMA(self.G, config.g_ema) if config.g_ema > 0 else None
         H = mcfg.hidden_dim
         # the optional Linear(H -> 1) discriminator head, zero-initialised, trained with ψ
         self.head_w = np.zeros(H, np.float32)
@@ -194,12 +235,32 @@ class Distiller:
     def head(self):
         return (self.head_w, float(self.head_b[0])) if self.config.disc_head == "linear" else None
 
-    def _batch(self, ids: np.ndarray, mask: np.ndarray, seed: int):
-        """This rank's rows of the step's inputs (its mask, x_real, x_init, t, eps and the
-        [n,L,1] target mask), drawn for the whole batch as one process draws them."""
+    @property
+    def generator_params(self) -> np.ndarray:
+        """The weights a student gets: G_ema's when the EMA is on, else G's."""
+        return self.G.params if self.G_ema is None else self.G_ema.params
+
+    def _disc(self, hidden: np.ndarray, mask: np.ndarray, target: np.ndarray):
+        """D_ψ's BCE per example (the mean over its logits), its gradient with respect to
+        the logits, and each example's score (its mean logit: > 0 means "real")."""
+        kind = self.config.disc_head
+        logit = _core.disc_logits(hidden, mask, kind, self.head())
+        w = disc_weights(kind, mask, hidden.shape[-1])
+        bce, g_logit = _core.bce_with_logits(logit.ravel(), np.repeat(target, logit.shape[1]), 10.0)
+        bce, g_logit = bce.reshape(logit.shape), g_logit.reshape(logit.shape)
+        g_logit *= w
+        return (bce * w).sum(axis=1), g_logit, (logit * w).sum(axis=1)
+
+    def _disc_backward(self, g_logit: np.ndarray, hidden: np.ndarray, mask: np.ndarray):
+        return _core.disc_backward(g_logit, hidden, mask, self.config.disc_head, self.head())
+
+    def _batch(self, ids: np.ndarray, mask: np.ndarray, seed: int, all_rows: bool = False):
+        """This rank's rows (every row with ``all_rows``) of the step's inputs (its mask,
+        x_real, x_init, t, eps and the [n,L,1] target mask), drawn for the whole batch as
+        one process draws them."""
         c = self.config
         B = len(ids)
-        rows = self.comm.rows(B)
+        rows = slice(None) if all_rows else self.comm.rows(B)
         mask = mask[rows]
         x_real = self.phi.embed(ids[rows])    # Emb of the real pair: source + real target
         shape = (B,) + x_real.shape[1:]
@@ -241,15 +302,14 @@ class Distiller:
         if adv:
             mask2 = np.concatenate([mask, mask])
             hidden = self.psi.hidden
-            logit = _core.disc_logits(hidden, mask2, self.head())
             target = np.concatenate([np.zeros(n, np.float32), np.ones(n, np.float32)])
-            bce, g_logit = _core.bce_with_logits(logit, target, 10.0)
-            k = np.float32(self.weights.b_psi * 0.5 / B)
-            grad_hidden, g_w, g_b = _core.disc_backward(g_logit * k, hidden, mask2, self.head())
+            bce, g_logit, score = self._disc(hidden, mask2, target)
+            g_logit *= np.float32(self.weights.b_psi * 0.5 / B)
+            grad_hidden, g_w, g_b = self._disc_backward(g_logit, hidden, mask2)
             if g_w is not None:
                 self._head_step(g_w, g_b)
-            out.update(psi_bce=float(bce.sum() / (2 * B)), disc_acc_fake=float((logit[:n] < 0).sum() / B),
-                       disc_acc_real=float((logit[n:] > 0).sum() / B))
+            out.update(psi_bce=float(bce.sum() / (2 * B)), disc_acc_fake=float((score[:n] < 0).sum() / B),
+                       disc_acc_real=float((score[n:] > 0).sum() / B))
         self.psi.zero_grad()
         self.psi.backward(grad_out, grad_hidden)
         self.comm.sum_inplace(self.psi.grad_buffer)
@@ -267,8 +327,9 @@ class Distiller:
         self.head_w[:] = params[:-1]
         self.head_b[:] = params[-1:]
 
-    def g_step(self, ids: np.ndarray, mask: np.ndarray, seed: int) -> Dict[str, float]:
-        """L_G = L_SiD + b_G N_b BCE(D_ψ(x_t), 1), gradients through G, q_sample, φ and ψ."""
+    def g_step(self, ids: np.ndarray, mask: np.ndarray, seed: int, adversarial: bool = True) -> Dict[str, float]:
+        """L_G = L_SiD + b_G λ_adv BCE(D_ψ(x_t), 1), gradients through G, q_sample, φ and ψ;
+        ``adversarial=False`` leaves the BCE term out (SiD-only phase)."""
         c, B = self.config, len(ids)
         mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
         n = len(x_real)
@@ -283,14 +344,11 @@ class Distiller:
         g_eg *= share
         out = {"sid": float(loss.sum() / B), "omega": float(omega.sum() / B)}
         grad_hidden = None
-        if c.adversarial and self.weights.b_g > 0:
+        if adversarial and c.adversarial and self.weights.b_g > 0:
             hidden = self.psi.hidden
-            logit = _core.disc_logits(hidden, mask, self.head())
-            bce, g_logit = _core.bce_with_logits(logit, np.ones(n, np.float32), 10.0)
-            # SiDA scales the GAN term by the number of entries it competes with
-            n_entries = (mask.sum(axis=1) * self.phi.config.emb_dim).astype(np.float32)
-            k = np.float32(self.weights.b_g) * n_entries / np.float32(B)
-            grad_hidden, _, _ = _core.disc_backward(g_logit * k, hidden, mask, self.head())
+            bce, g_logit, _ = self._disc(hidden, mask, np.ones(n, np.float32))
+            g_logit *= np.float32(self.weights.b_g * c.adv_weight / B)
+            grad_hidden, _, _ = self._disc_backward(g_logit, hidden, mask)
             out["g_bce"] = float(bce.sum() / B)
         gx = self.phi.backward(g_yr, param_grads=False)
         gx += self.psi.backward(g_yf, grad_hidden, param_grads=False)
@@ -302,6 +360,38 @@ class Distiller:
         out = self._summed(out)
         if self.guard.ok(out["sid"] + out.get("g_bce", 0.0), self.G.grad_buffer, "G step"):
             self.opt_g.step()
+            if self.G_ema is not None:
+                self.G_ema.update()
+        return out
+
+    def monitor(self, ids: np.ndarray, mask: np.ndarray, seed: int) -> Dict[str, float]:
+        """On one batch, with no update: D_ψ's accuracy on real and fake inputs and its AUC,
+        and the adversarial share of G's gradient on e_g, ‖∇L_adv‖ / ‖∇L_SiD‖ (SPEC §6.4),
+        with this stage's b_G λ_adv. Every rank computes the whole batch."""
+        c, w = self.config, self.weights
+        mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed, all_rows=True)
+        n = len(x_real)
+        e_g = np.where(m3, self.G.forward(x_init, np.full(n, c.t_init)), x_real).astype(np.float32)
+        x_t = self.diffusion.q_sample(e_g, t, eps, mask)
+        xt_real = self.diffusion.q_sample(x_real, t, eps, mask)
+        self.psi.forward(np.concatenate([x_t, xt_real]), np.concatenate([t, t]))
+        target = np.concatenate([np.zeros(n, np.float32), np.ones(n, np.float32)])
+        _, _, score = self._disc(self.psi.hidden, np.concatenate([mask, mask]), target)
+        out = {"disc_acc_fake": float((score[:n] < 0).mean()), "disc_acc_real": float((score[n:] > 0).mean()),
+               "disc_auc": auc(score[n:], score[:n])}
+        y_r = self.phi.forward(x_t, t)
+        y_f = self.psi.forward(x_t, t)
+        _, _, g_yr, g_yf, g_sid = _core.sid_loss(y_r, y_f, e_g, mask, np.float32(w.alpha))
+        gx = self.phi.backward(g_yr, param_grads=False)
+        gx += self.psi.backward(g_yf, param_grads=False)
+        g_sid += self.diffusion.q_sample_backward(gx, t, mask)
+        g_sid *= m3
+        _, g_logit, _ = self._disc(self.psi.hidden, mask, np.ones(n, np.float32))
+        g_logit *= np.float32(w.b_g * c.adv_weight / n)
+        grad_hidden, _, _ = self._disc_backward(g_logit, self.psi.hidden, mask)
+        gx = self.psi.backward(np.zeros_like(y_f), grad_hidden, param_grads=False)
+        g_adv = self.diffusion.q_sample_backward(gx, t, mask) * m3
+        out["adv_share"] = float(np.linalg.norm(g_adv) / max(np.linalg.norm(g_sid), 1e-30))
         return out
 
 
@@ -362,15 +452,27 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     log = JsonlLog(out / "log.jsonl", keep_through=step if start is not None else -1) \
         if comm.is_root else NullLog()
 
+    student_model = DiffusionTransformer(teacher.config) if dist.G_ema is not None else dist.G
+    monitor_rows = slice(0, min(len(vids), config.batch_size))
+
     def student_now() -> Student:
-        return Student(dist.G, tok, info)
+        if dist.G_ema is not None:
+            np.copyto(student_model.params, dist.G_ema.params)
+        return Student(student_model, tok, info)
+
+    def validation(step: int) -> Dict[str, float]:
+        m = validate(student_now(), sources, references, config.eval_steps, config.seed, comm)
+        if config.adversarial:
+            m.update(dist.monitor(vids[monitor_rows], vmask[monitor_rows], derive_seed(config.seed, stage, step, 2)))
+        return m
 
     def save_state() -> None:
         def fill(tmp: Path) -> None:
             ckpt.save_tensors(tmp / "state.safetensors", {
                 "G": dist.G.params, "psi": dist.psi.params, "g_m": dist.opt_g.m, "g_v": dist.opt_g.v,
                 "psi_m": dist.opt_psi.m, "psi_v": dist.opt_psi.v, "head_w": dist.head_w,
-                "head_b": dist.head_b, "head_m": dist.head_m, "head_v": dist.head_v})
+                "head_b": dist.head_b, "head_m": dist.head_m, "head_v": dist.head_v,
+                **({"G_ema": dist.G_ema.params} if dist.G_ema is not None else {})})
             (tmp / "run.json").write_text(json.dumps({
                 "config": config.to_dict(), "step": step, "stage": stage, "best": best,
                 "g_step": dist.opt_g.step_count, "psi_step": dist.opt_psi.step_count,
@@ -392,18 +494,22 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     emit = bar.write if progress else say  # above the bar when there is one
     try:
         if step == 0:  # the generator as initialised: the teacher in one step, or stage 1's best
-            m = validate(student_now(), sources, references, config.eval_steps, config.seed, comm)
+            m = validation(0)
             log.write(step=0, stage=stage, **{f"val_{k}": v for k, v in m.items()})
             emit(f"stage {stage} step 0: BLEU {m['bleu']:.4f} (generator as initialised, "
                       f"{config.eval_steps} step)")
             best = {"bleu": m["bleu"], "step": 0}
             save_best()
         t0, comm_s0 = time.perf_counter(), comm.seconds
+        last_val: Dict[str, float] = {}
         while step < config.steps:
             idx = rng.integers(0, len(ids), size=config.batch_size)
             s_psi = dist.psi_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 0))
             idx = rng.integers(0, len(ids), size=config.batch_size)
-            s_g = dist.g_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 1))
+            s_g = {}
+            if step >= config.psi_warmup:  # G waits while ψ warms up
+                s_g = dist.g_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 1),
+                                  adversarial=step >= config.adv_start)
             for k, v in {**s_psi, **s_g}.items():
                 acc.setdefault(k, []).append(v)
             step += 1
@@ -415,17 +521,24 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 if comm.size > 1:
                     means["comm_s_per_step"] = (comm.seconds - comm_s0) / config.log_every
                 t0, comm_s0 = time.perf_counter(), comm.seconds
-                bar.set_postfix(sid=f"{means.get('sid', 0):.3g}", dsm=f"{means.get('psi_dsm', 0):.3g}")
+                postfix = dict(sid=f"{means.get('sid', 0):.3g}", dsm=f"{means.get('psi_dsm', 0):.3g}")
+                if "disc_acc_real" in means:
+                    postfix.update(D_real=f"{means['disc_acc_real']:.2f}", D_fake=f"{means['disc_acc_fake']:.2f}")
+                if "disc_auc" in last_val:
+                    postfix["D_auc"] = f"{last_val['disc_auc']:.2f}"
+                bar.set_postfix(**postfix)
                 log.write(step=step, stage=stage, steps_per_s=config.log_every / dt,
                           skipped_steps=dist.guard.skipped, **means)
             if step % config.eval_every == 0 or step == config.steps:
-                m = validate(student_now(), sources, references, config.eval_steps, config.seed, comm)
+                m = last_val = validation(step)
                 notes = _warn_monitors(m, config, emit) if comm.is_root else []
                 log.write(step=step, stage=stage, warnings=notes, **{f"val_{k}": v for k, v in m.items()})
                 improved = m["bleu"] > best["bleu"]
+                d_part = (f" D acc {m['disc_acc_real']:.2f}/{m['disc_acc_fake']:.2f} AUC {m['disc_auc']:.2f}"
+                          f" adv share {m['adv_share']:.3f}" if "disc_auc" in m else "")
                 emit(f"stage {stage} step {step}: BLEU {m['bleu']:.4f} empty {m['empty']:.3f} "
                           f"repeat {m['repeat']:.3f} len {m['len']:.1f} self-BLEU {m['self_bleu']:.3f}"
-                          + (" (best)" if improved else ""))
+                          + d_part + (" (best)" if improved else ""))
                 if improved:
                     best = {"bleu": m["bleu"], "step": step}
                     save_best()
@@ -454,13 +567,18 @@ def _restore(dist: Distiller, rng: np.random.Generator, path: Path, config: Dist
     st = ckpt.load_tensors(path / "state.safetensors")
     n = (dist.G.params.size,)
     H = dist.head_w.size
-    ckpt.check_tensors(st, {"G": n, "psi": n, "g_m": n, "g_v": n, "psi_m": n, "psi_v": n,
-                            "head_w": (H,), "head_b": (1,), "head_m": (H + 1,), "head_v": (H + 1,)}, str(path))
+    expected = {"G": n, "psi": n, "g_m": n, "g_v": n, "psi_m": n, "psi_v": n,
+                "head_w": (H,), "head_b": (1,), "head_m": (H + 1,), "head_v": (H + 1,)}
+    if dist.G_ema is not None:
+        expected["G_ema"] = n
+    ckpt.check_tensors(st, expected, str(path))
     for name, dst in (("G", dist.G.params), ("psi", dist.psi.params), ("g_m", dist.opt_g.m),
                       ("g_v", dist.opt_g.v), ("psi_m", dist.opt_psi.m), ("psi_v", dist.opt_psi.v),
                       ("head_w", dist.head_w), ("head_b", dist.head_b), ("head_m", dist.head_m),
                       ("head_v", dist.head_v)):
         np.copyto(dst, st[name])
+    if dist.G_ema is not None:
+        np.copyto(dist.G_ema.params, st["G_ema"])
     dist.opt_g.step_count, dist.opt_psi.step_count = run["g_step"], run["psi_step"]
     ckpt.restore_rng(rng, run["rng"], str(path / "run.json"))
     # both absent from checkpoints of older versions

@@ -163,36 +163,35 @@ def test_denoise_loss_matches_numpy_and_torch(rng):
     assert loss0 == 0.0 and not np.any(grad0)
 
 
-def _disc_torch(torch, h, mask, head):
+def _disc_torch(torch, h, mask, kind, head):
     th = torch.tensor(h, dtype=torch.float64, requires_grad=True)
-    m = torch.tensor(mask, dtype=torch.float64)
-    if head is None:
-        per_pos, params = th.mean(-1), ()
-    else:
-        w = torch.tensor(head[0], dtype=torch.float64, requires_grad=True)
-        b = torch.tensor(float(head[1]), dtype=torch.float64, requires_grad=True)
-        per_pos, params = th @ w + b, (w, b)
-    logit = (per_pos * m).sum(1) / m.sum(1).clamp_min(1.0)
+    logit, weights, params = _tdisc(torch, th, torch.tensor(mask, dtype=torch.float64), kind, head)
     return th, logit, params
 
 
-@pytest.mark.parametrize("kind", ["mean", "linear"])
+@pytest.mark.parametrize("kind", ["token", "hidden_mean", "linear"])
 def test_disc_logits_and_backward(rng, kind):
     torch = _torch()
     B, L, H = 4, 6, 16
     h = rng.standard_normal((B, L, H)).astype(np.float32)
     mask = _mask(B, L, 1)
-    head = None if kind == "mean" else (rng.standard_normal(H).astype(np.float32), 0.37)
-    logit = _core.disc_logits(h, mask, head)
+    head = (rng.standard_normal(H).astype(np.float32), 0.37) if kind == "linear" else None
+    logit = _core.disc_logits(h, mask, kind, head)
     # numpy float64
-    h64 = h.astype(np.float64)
-    per = h64.mean(-1) if head is None else h64 @ head[0].astype(np.float64) + np.float64(np.float32(head[1]))
-    ref = (per * mask).sum(1) / mask.sum(1)
+    h64, m = h.astype(np.float64), mask[:, :, None].astype(np.float64)
+    pooled = (h64 * m).sum(1) / m.sum(1)
+    if kind == "token":
+        ref = pooled
+    elif kind == "hidden_mean":
+        ref = pooled.mean(-1, keepdims=True)
+    else:
+        ref = (h64 @ head[0].astype(np.float64) + np.float64(np.float32(head[1]))) * mask
+    assert logit.shape == ref.shape
     np.testing.assert_allclose(logit, ref, rtol=1e-5, atol=1e-6)
     # backward vs autograd of sum(g * logit)
-    g = rng.standard_normal(B).astype(np.float32)
-    gh, gw, gb = _core.disc_backward(g, h, mask, head)
-    th, tl, params = _disc_torch(torch, h, mask, head)
+    g = rng.standard_normal(logit.shape).astype(np.float32)
+    gh, gw, gb = _core.disc_backward(g, h, mask, kind, head)
+    th, tl, params = _disc_torch(torch, h, mask, kind, head)
     (tl * torch.tensor(g, dtype=torch.float64)).sum().backward()
     assert_rel(gh, th.grad.numpy(), "grad hidden", rel=1e-6)
     assert not np.any(gh[mask == 0])
@@ -203,14 +202,28 @@ def test_disc_logits_and_backward(rng, kind):
         assert gb == pytest.approx(float(params[1].grad), rel=1e-5)
 
 
+def test_token_pooled_disc_separates_what_the_hidden_mean_cannot(rng):
+    """After a LayerNorm each position's hidden mean is β̄ whatever the input; the
+    token-pooled channels still differ between two inputs (SPEC §6.3)."""
+    B, L, H = 2, 5, 32
+    x = rng.standard_normal((B, L, H))
+    x = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)  # LayerNorm, γ = 1, β = 0
+    h = x.astype(np.float32)
+    mask = np.ones((B, L), np.float32)
+    assert np.allclose(_core.disc_logits(h, mask, "hidden_mean"), 0.0, atol=1e-6)
+    token = _core.disc_logits(h, mask, "token")
+    assert np.abs(token[0] - token[1]).max() > 0.1
+
+
 def test_disc_empty_mask_row(rng):
     h = rng.standard_normal((2, 5, 16)).astype(np.float32)
     mask = _mask(2, 5, 1)
     mask[0] = 0
-    logit = _core.disc_logits(h, mask)
-    assert logit[0] == 0.0
-    gh, _, _ = _core.disc_backward(np.ones(2, np.float32), h, mask)
-    assert not np.any(gh[0]) and np.all(np.isfinite(gh))
+    for kind in ("token", "hidden_mean"):
+        logit = _core.disc_logits(h, mask, kind)
+        assert not np.any(logit[0])
+        gh, _, _ = _core.disc_backward(np.ones(logit.shape, np.float32), h, mask, kind)
+        assert not np.any(gh[0]) and np.all(np.isfinite(gh))
 
 
 def test_bce_with_logits_matches_torch():
@@ -255,11 +268,17 @@ def test_kernels_reject_bad_inputs(rng):
     with pytest.raises(ValueError):
         _core.denoise_loss(y, np.asfortranarray(y), m)
     with pytest.raises(TypeError):
-        _core.disc_logits(y, m.astype(np.int64))
+        _core.disc_logits(y, m.astype(np.int64), "token")
     with pytest.raises((TypeError, ValueError)):
-        _core.disc_logits(y, m, (np.ones(2, np.float32), 0.0))  # w must be [H]
+        _core.disc_logits(y, m, "linear", (np.ones(2, np.float32), 0.0))  # w must be [H]
+    with pytest.raises(ValueError, match="kind"):
+        _core.disc_logits(y, m, "mean")
+    with pytest.raises(ValueError, match="head"):
+        _core.disc_logits(y, m, "linear")
+    with pytest.raises(ValueError, match="head"):
+        _core.disc_logits(y, m, "token", (np.ones(3, np.float32), 0.0))
     with pytest.raises(ValueError):
-        _core.disc_backward(np.ones(3, np.float32), y, m)
+        _core.disc_backward(np.ones((2, 1), np.float32), y, m, "token")  # token needs [B, H]
     with pytest.raises(ValueError):
         _core.bce_with_logits(np.zeros(2, np.float32), np.zeros(3, np.float32))
 
@@ -271,7 +290,8 @@ def test_distill_config_validation_and_round_trip():
     d = DistillConfig()
     assert (d.t_init, d.t_min, d.t_max, d.lr_g, d.lr_psi, d.clip_value) == (1490, 0, 1976, 5e-5, 2e-4, 1.0)
     assert d.stage1 == StageConfig(1.2, 0.5, 0.5)
-    for bad in (dict(disc_head="mlp"), dict(t_min=5, t_max=4), dict(eval_steps=9), dict(steps=0),
+    for bad in (dict(disc_head="mlp"), dict(disc_head="mean"), dict(psi_warmup=-1), dict(adv_start=1.5),
+                dict(g_ema=1.0), dict(adv_weight=-1.0), dict(t_min=5, t_max=4), dict(eval_steps=9), dict(steps=0),
                 dict(lr_g=0.0), dict(clip_value=-1.0), dict(batch_size=True)):
         with pytest.raises(ValueError):
             DistillConfig(**bad)
@@ -322,16 +342,27 @@ def _tscale(t):
     return np.asarray(t, dtype=np.float64) * (1000.0 / T)
 
 
-def _tdisc(torch, hidden, mask_t, head):
-    """D: mean over mask-1 positions of the per-position logit."""
-    if head is None:
-        per = hidden.mean(-1)
-    else:
-        w = torch.tensor(head[0], dtype=torch.float64, requires_grad=True)
-        b = torch.tensor(float(head[1]), dtype=torch.float64, requires_grad=True)
-        per = hidden @ w + b
-        head = (w, b)
-    return (per * mask_t).sum(1) / mask_t.sum(1), head
+def _tdisc(torch, hidden, mask_t, kind, head):
+    """D_ψ of SPEC §6.3: logits [B, K] and the weights [B, K] that average an example's
+    BCE over its logits; the head's parameters when it has one."""
+    m = mask_t[:, :, None]
+    count = mask_t.sum(1).clamp_min(1.0)[:, None]
+    pooled = (hidden * m).sum(1) / count
+    B, H = pooled.shape
+    if kind == "token":
+        return pooled, torch.full((B, H), 1.0 / H, dtype=torch.float64), None
+    if kind == "hidden_mean":
+        return pooled.mean(-1, keepdim=True), torch.ones((B, 1), dtype=torch.float64), None
+    w = torch.tensor(head[0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(float(head[1]), dtype=torch.float64, requires_grad=True)
+    return (hidden @ w + b) * mask_t, mask_t / count, (w, b)
+
+
+def _tbce(torch, logit, weights, target):
+    """Per-example BCE: the weighted mean over the example's logits (clamped to ±10)."""
+    F = torch.nn.functional
+    full = target[:, None].expand_as(logit)
+    return (F.binary_cross_entropy_with_logits(logit.clamp(-10, 10), full, reduction="none") * weights).sum(1)
 
 
 def _noise_inputs(torch, cfg, phi, ids, mask, seed, t_init, t_min, t_max):
@@ -376,11 +407,9 @@ def _torch_g_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, hea
     total = sid.mean()
     bce = None
     if config.adversarial and stage_w.b_g > 0:
-        logit, _ = _tdisc(torch, hidden, mt, head)
-        bce = F.binary_cross_entropy_with_logits(logit.clamp(-10, 10), torch.ones(B, dtype=torch.float64),
-                                                 reduction="none")
-        n_b = mt.sum(1) * E
-        total = total + (stage_w.b_g * n_b * bce).mean()
+        logit, weights, _ = _tdisc(torch, hidden, mt, config.disc_head, head)
+        bce = _tbce(torch, logit, weights, torch.ones(B, dtype=torch.float64))
+        total = total + (stage_w.b_g * config.adv_weight * bce).mean()
     total.backward()
     grads = {k: (np.zeros(tuple(p.shape)) if p.grad is None else p.grad.numpy().copy())
              for k, p in tG.named_parameters(remove_duplicate=False)}
@@ -388,8 +417,10 @@ def _torch_g_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, hea
 
 
 G_CASES = {
-    "adv-mean": dict(),
-    "adv-mean-alpha0.5": dict(stage1=StageConfig(alpha=0.5, b_psi=0.9, b_g=0.1)),
+    "adv-token": dict(),
+    "adv-token-weight3": dict(adv_weight=3.0),
+    "adv-hidden-mean": dict(disc_head="hidden_mean"),
+    "adv-token-alpha0.5": dict(stage1=StageConfig(alpha=0.5, b_psi=0.9, b_g=0.1)),
     "bg0": dict(stage1=StageConfig(b_g=0.0)),
     "adversarial-off": dict(adversarial=False),
     "adv-linear": dict(disc_head="linear"),
@@ -459,11 +490,11 @@ def _torch_psi_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, h
     thead = None
     accs = None
     if adv:
-        logit, thead = _tdisc(torch, tpsi.last_hidden, torch.cat([mt, mt]), head)
+        logit, weights, thead = _tdisc(torch, tpsi.last_hidden, torch.cat([mt, mt]), config.disc_head, head)
         target = torch.cat([torch.zeros(B, dtype=torch.float64), torch.ones(B, dtype=torch.float64)])
-        bce = F.binary_cross_entropy_with_logits(logit.clamp(-10, 10), target, reduction="none")
+        bce = _tbce(torch, logit, weights, target)
         total = total + stage_w.b_psi * 0.5 * (bce[:B].mean() + bce[B:].mean())
-        lg = logit.detach().numpy()
+        lg = (logit * weights).sum(1).detach().numpy()
         accs = (float((lg[:B] < 0).mean()), float((lg[B:] > 0).mean()))
     total.backward()
     grads = {k: (np.zeros(tuple(p.shape)) if p.grad is None else p.grad.numpy().copy())
@@ -473,7 +504,8 @@ def _torch_psi_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, h
 
 
 PSI_CASES = {
-    "adv-mean": dict(),
+    "adv-token": dict(),
+    "adv-hidden-mean": dict(disc_head="hidden_mean"),
     "adv-linear": dict(disc_head="linear"),
     "adversarial-off": dict(adversarial=False),
     "bpsi0": dict(stage1=StageConfig(b_psi=0.0)),
@@ -516,6 +548,50 @@ def test_psi_step_gradient_matches_torch(rng, same, case):
         assert captured[0][1] == pytest.approx(head_grads[1], rel=1e-4, abs=1e-7)
     else:
         assert not captured
+
+
+@pytest.mark.parametrize("kind", ["token", "linear"])
+def test_monitor_gradient_share(rng, kind):
+    """monitor()'s ‖∇_e L_adv‖/‖∇_e L_SiD‖ is proportional to b_G λ_adv and 0 without the
+    term, leaves every network unchanged, and D's accuracies and AUC are fractions."""
+    head = "linear" if kind == "linear" else None
+    cfg, phi, dist, ids, mask = _setup(rng, B=4, head=head, disc_head=kind)
+    snap = [a.copy() for a in (dist.G.params, dist.psi.params, phi.params, dist.head_w)]
+    m1 = dist.monitor(ids, mask, 11)
+    for a, b in zip(snap, (dist.G.params, dist.psi.params, phi.params, dist.head_w)):
+        assert np.array_equal(a, b)
+    assert m1["adv_share"] > 0
+    for k in ("disc_acc_real", "disc_acc_fake", "disc_auc"):
+        assert 0.0 <= m1[k] <= 1.0
+    dist.config.adv_weight = 3.0
+    m3 = dist.monitor(ids, mask, 11)
+    assert m3["adv_share"] == pytest.approx(3.0 * m1["adv_share"], rel=1e-4)
+    assert m3["disc_auc"] == m1["disc_auc"]
+    dist.weights = StageConfig(alpha=1.2, b_psi=0.5, b_g=0.0)
+    assert dist.monitor(ids, mask, 11)["adv_share"] == 0.0
+
+
+def test_backward_is_linear_in_its_output_gradients(rng):
+    """monitor() splits ψ's input gradient into its SiD and adversarial parts by two
+    backward passes after one forward: their sum must equal one joint backward."""
+    cfg, phi, dist, ids, mask = _setup(rng, B=3)
+    x = rng.standard_normal((3, cfg.seq_len, cfg.emb_dim)).astype(np.float32)
+    t = np.array([5, 50, 90])
+    dist.psi.forward(x, t)
+    gy = rng.standard_normal(x.shape).astype(np.float32)
+    gh = rng.standard_normal(dist.psi.hidden.shape).astype(np.float32)
+    joint = dist.psi.backward(gy, gh, param_grads=False)
+    split = dist.psi.backward(gy, param_grads=False) + dist.psi.backward(np.zeros_like(gy), gh, param_grads=False)
+    np.testing.assert_allclose(split, joint, rtol=1e-4, atol=1e-5)
+
+
+def test_auc():
+    from dlmone.distill import auc
+
+    assert auc([2.0, 3.0], [0.0, 1.0]) == 1.0
+    assert auc([0.0, 1.0], [2.0, 3.0]) == 0.0
+    assert auc([1.0, 1.0], [1.0, 1.0]) == 0.5
+    assert auc([0.0, 2.0], [1.0]) == 0.5
 
 
 def test_linear_head_is_trained_by_psi_step(rng):
@@ -679,8 +755,10 @@ def test_distill_end_to_end_outputs(e2e):
         val = [r for r in recs if "val_bleu" in r]
         assert [r["step"] for r in val] == [0, 2, 4]
         for r in val:
-            for k in ("val_bleu", "val_empty", "val_repeat", "val_self_bleu", "val_len"):
-                assert k in r and np.isfinite(r[k])
+            for k in ("val_bleu", "val_empty", "val_repeat", "val_self_bleu", "val_len", "val_disc_acc_real",
+                      "val_disc_acc_fake", "val_disc_auc", "val_adv_share"):
+                assert k in r and np.isfinite(r[k]), k
+            assert 0.0 <= r["val_disc_auc"] <= 1.0 and r["val_adv_share"] > 0.0
         train = [r for r in recs if "sid" in r]
         assert [r["step"] for r in train] == [1, 2, 3, 4]
         for r in train:
@@ -755,6 +833,50 @@ def test_distill_resume_with_other_config_raises(e2e, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             distill(e2e.root / "teacher", e2e.data, other, out, stage=1, **e2e.kw)
+
+
+def test_warmup_phases_and_generator_ema(e2e, tmp_path, monkeypatch):
+    """psi_warmup: G takes no step before it; adv_start: G's adversarial term is off
+    before it; g_ema: the checkpoint keeps G_ema, the student is G_ema, and a resumed
+    run ends bitwise where the uninterrupted one ends."""
+    import dataclasses
+
+    config = dataclasses.replace(e2e.config, psi_warmup=1, adv_start=3, g_ema=0.5)
+    calls = []
+    real = Distiller.g_step
+
+    def recording(self, ids, mask, seed, adversarial=True):
+        calls.append(adversarial)
+        if len(calls) == 5 and flaky["on"]:  # stage 2's second G step
+            raise KeyboardInterrupt("simulated interruption")
+        return real(self, ids, mask, seed, adversarial=adversarial)
+
+    def run(out):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return distill(e2e.root / "teacher", e2e.data, config, out, stage="both", **e2e.kw)
+
+    flaky = {"on": False}
+    monkeypatch.setattr(Distiller, "g_step", recording)
+    ref = run(tmp_path / "ref")
+    assert calls == [False, False, True] * 2, calls  # steps 1, 2, 3 of each 4-step stage
+    from dlmone import checkpoint as ckpt
+
+    st = ckpt.load_tensors(tmp_path / "ref/stage2/checkpoints/step-00000004/state.safetensors")
+    assert not np.array_equal(st["G_ema"], st["G"])
+    best = json.loads((tmp_path / "ref/summary.json").read_text())["stage2"]["step"]
+    if best == 4:
+        assert np.array_equal(ref.model.params, st["G_ema"])
+    calls.clear()
+    flaky["on"] = True
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "int")
+    flaky["on"] = False
+    resumed = run(tmp_path / "int")
+    assert np.array_equal(resumed.model.params, ref.model.params)
+    b = ckpt.load_tensors(tmp_path / "int/stage2/checkpoints/step-00000004/state.safetensors")
+    for k in st:
+        assert np.array_equal(st[k], b[k]), k
 
 
 def test_distill_resume_in_stage2_with_linear_head(e2e, tmp_path, monkeypatch):

@@ -76,55 +76,82 @@ double denoise_loss(float *grad, const float *pred, const float *target, const f
     return positions ? total / (double)positions : 0.0;
 }
 
-void disc_logits(float *logit, const float *hidden, const float *mask, const float *w, float bias,
-                 size_t B, size_t L, size_t H) {
+size_t disc_logit_count(DiscKind kind, size_t L, size_t H) {
+    return kind == DISC_TOKEN ? H : (kind == DISC_LINEAR ? L : 1);
+}
+
+static size_t mask_count(const float *mask_row, size_t L) {
+    size_t count = 0;
+    for (size_t l = 0; l < L; l++) count += mask_row[l] != 0.0f;
+    return count;
+}
+
+void disc_logits(float *logit, const float *hidden, const float *mask, DiscKind kind, const float *w,
+                 float bias, size_t B, size_t L, size_t H) {
     DL_PROFILE_BEGIN;
+    const size_t K = disc_logit_count(kind, L, H);
 #pragma omp parallel for schedule(static) if (B * L * H > DL_PAR_MIN)
     for (size_t b = 0; b < B; b++) {
-        double s = 0.0;
-        size_t count = 0;
-        for (size_t l = 0; l < L; l++) {
-            if (mask[b * L + l] == 0.0f) continue;
-            const float *h = hidden + (b * L + l) * H;
-            double v = 0.0;
-            if (w) {
+        const float *m = mask + b * L;
+        const size_t count = mask_count(m, L);
+        float *out = logit + b * K;
+        memset(out, 0, K * sizeof(float));
+        if (count == 0) continue;
+        if (kind == DISC_LINEAR) {
+            for (size_t l = 0; l < L; l++) {
+                if (m[l] == 0.0f) continue;
+                const float *h = hidden + (b * L + l) * H;
+                double v = bias;
                 for (size_t c = 0; c < H; c++) v += (double)w[c] * h[c];
-                v += bias;
-            } else {
-                for (size_t c = 0; c < H; c++) v += h[c];
-                v /= (double)H;
+                out[l] = (float)v;
             }
-            s += v;
-            count++;
+            continue;
         }
-        logit[b] = count ? (float)(s / (double)count) : 0.0f;
+        /* token pooling; hidden-mean then averages the H pooled values */
+        double pooled_sum = 0.0;
+        for (size_t c = 0; c < H; c++) {
+            double s = 0.0;
+            for (size_t l = 0; l < L; l++)
+                if (m[l] != 0.0f) s += hidden[(b * L + l) * H + c];
+            s /= (double)count;
+            if (kind == DISC_TOKEN)
+                out[c] = (float)s;
+            else
+                pooled_sum += s;
+        }
+        if (kind == DISC_HIDDEN_MEAN) out[0] = (float)(pooled_sum / (double)H);
     }
     DL_PROFILE_END(DL_K_DISTILL);
 }
 
 void disc_backward(float *grad_hidden, float *grad_w, float *grad_bias, const float *grad_logit,
-                   const float *hidden, const float *mask, const float *w, size_t B, size_t L,
-                   size_t H) {
+                   const float *hidden, const float *mask, DiscKind kind, const float *w, size_t B,
+                   size_t L, size_t H) {
     DL_PROFILE_BEGIN;
+    const size_t K = disc_logit_count(kind, L, H);
+    /* the head's gradient sums over rows in order (one thread): thread-count independent */
     for (size_t b = 0; b < B; b++) {
-        size_t count = 0;
-        for (size_t l = 0; l < L; l++) count += mask[b * L + l] != 0.0f;
-        float g = count ? grad_logit[b] / (float)count : 0.0f;
+        const float *m = mask + b * L;
+        const size_t count = mask_count(m, L);
+        const float *g = grad_logit + b * K;
         for (size_t l = 0; l < L; l++) {
             float *gh = grad_hidden + (b * L + l) * H;
-            if (mask[b * L + l] == 0.0f || count == 0) {
+            if (m[l] == 0.0f) {
                 memset(gh, 0, H * sizeof(float));
                 continue;
             }
-            if (w) {
+            if (kind == DISC_LINEAR) {
                 const float *h = hidden + (b * L + l) * H;
                 for (size_t c = 0; c < H; c++) {
-                    gh[c] = g * w[c];
-                    grad_w[c] += g * h[c];
+                    gh[c] = g[l] * w[c];
+                    grad_w[c] += g[l] * h[c];
                 }
-                *grad_bias += g;
+                *grad_bias += g[l];
+            } else if (kind == DISC_TOKEN) {
+                const float inv = 1.0f / (float)count;
+                for (size_t c = 0; c < H; c++) gh[c] = g[c] * inv;
             } else {
-                float gv = g / (float)H;
+                const float gv = g[0] / ((float)count * (float)H);
                 for (size_t c = 0; c < H; c++) gh[c] = gv;
             }
         }

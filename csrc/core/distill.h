@@ -18,13 +18,21 @@ void sid_loss(float *loss, float *omega, float *g_yr, float *g_yf, float *g_eg, 
 double denoise_loss(float *grad, const float *pred, const float *target, const float *mask,
                     size_t B, size_t L, size_t E);
 
-/* logit_b = mean over mask-1 positions of (w . h + b) if w, else of mean_h h. */
-void disc_logits(float *logit, const float *hidden, const float *mask, const float *w, float bias,
-                 size_t B, size_t L, size_t H);
-/* grad_hidden from grad_logit; accumulates the head's gradients when w is given. */
+/* The discriminator D_psi on psi's final hidden state h [B, L, H] (SPEC 6.3), over the
+ * mask-1 (target + pad) positions of each example:
+ *   DISC_TOKEN:       logit[b, c] = mean_l h[b, l, c]           -> H logits per example
+ *   DISC_HIDDEN_MEAN: logit[b]    = mean_l mean_c h[b, l, c]    -> 1 logit (inert; ablation)
+ *   DISC_LINEAR:      logit[b, l] = w . h[b, l] + bias           -> L logits (0 where mask 0)
+ * disc_logit_count gives the logits per example. */
+typedef enum { DISC_TOKEN, DISC_HIDDEN_MEAN, DISC_LINEAR } DiscKind;
+size_t disc_logit_count(DiscKind kind, size_t L, size_t H);
+void disc_logits(float *logit, const float *hidden, const float *mask, DiscKind kind, const float *w,
+                 float bias, size_t B, size_t L, size_t H);
+/* grad_hidden from grad_logit (same layout as the logits); DISC_LINEAR also accumulates
+ * the head's gradients into grad_w [H] and *grad_bias. */
 void disc_backward(float *grad_hidden, float *grad_w, float *grad_bias, const float *grad_logit,
-                   const float *hidden, const float *mask, const float *w, size_t B, size_t L,
-                   size_t H);
+                   const float *hidden, const float *mask, DiscKind kind, const float *w, size_t B,
+                   size_t L, size_t H);
 
 /* BCE with logits clamped to [-c, c]: loss_b, and d loss_b / d logit_b (0 where clamped). */
 void bce_with_logits(float *loss, float *grad, const float *logit, const float *target, float c,

@@ -42,35 +42,55 @@ static PyObject *py_denoise_loss(PyObject *mod, PyObject *args) {
     return Py_BuildValue("(dN)", loss, g);
 }
 
-/* head: None (mean over hidden) or (w[H] float32, bias float) */
-static int parse_head(PyObject *ho, npy_intp H, PyArrayObject **w, float *bias) {
+/* kind: "token" | "hidden_mean" | "linear"; head: (w[H] float32, bias float), given
+ * exactly when kind is "linear". */
+static int parse_disc(const char *kind_name, PyObject *ho, npy_intp H, DiscKind *kind,
+                      PyArrayObject **w, float *bias) {
     *w = NULL;
     *bias = 0.0f;
-    if (ho == Py_None) return 0;
-    PyObject *wo;
-    if (!PyArg_ParseTuple(ho, "Of", &wo, bias)) {
-        PyErr_SetString(PyExc_TypeError, "head must be None or a (weight[H], bias) tuple");
+    if (!strcmp(kind_name, "token"))
+        *kind = DISC_TOKEN;
+    else if (!strcmp(kind_name, "hidden_mean"))
+        *kind = DISC_HIDDEN_MEAN;
+    else if (!strcmp(kind_name, "linear"))
+        *kind = DISC_LINEAR;
+    else {
+        PyErr_Format(PyExc_ValueError, "kind must be 'token', 'hidden_mean' or 'linear', got '%s'",
+                     kind_name);
         return -1;
     }
-    npy_intp hs[1] = {H};
-    *w = check_array(wo, "head weight", NPY_FLOAT32, 1, hs, 0);
-    return *w ? 0 : -1;
+    if ((*kind == DISC_LINEAR) != (ho != Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "head=(w, bias) is needed by kind 'linear' and only by it");
+        return -1;
+    }
+    if (ho == Py_None) return 0;
+    PyObject *wo;
+    double b;
+    if (!PyArg_ParseTuple(ho, "Od", &wo, &b)) return -1;
+    npy_intp ws[1] = {H};
+    *w = check_array(wo, "head weight", NPY_FLOAT32, 1, ws, 0);
+    if (!*w) return -1;
+    *bias = (float)b;
+    return 0;
 }
 
 static PyObject *py_disc_logits(PyObject *mod, PyObject *args) {
     PyObject *ho, *mo, *heado = Py_None;
-    if (!PyArg_ParseTuple(args, "OO|O", &ho, &mo, &heado)) return NULL;
+    const char *kind_name;
+    if (!PyArg_ParseTuple(args, "OOs|O", &ho, &mo, &kind_name, &heado)) return NULL;
     npy_intp s[3] = {-1, -1, -1};
     PyArrayObject *h = check_ble(ho, "hidden", s);
     PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
     if (!m) return NULL;
+    DiscKind kind;
     PyArrayObject *w;
     float bias;
-    if (parse_head(heado, s[2], &w, &bias)) return NULL;
-    PyObject *out = new_float_array(1, s);
+    if (parse_disc(kind_name, heado, s[2], &kind, &w, &bias)) return NULL;
+    npy_intp os[2] = {s[0], (npy_intp)disc_logit_count(kind, (size_t)s[1], (size_t)s[2])};
+    PyObject *out = new_float_array(2, os);
     if (!out) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    disc_logits(fdata((PyArrayObject *)out), fdata(h), fdata(m), w ? fdata(w) : NULL, bias,
+    disc_logits(fdata((PyArrayObject *)out), fdata(h), fdata(m), kind, w ? fdata(w) : NULL, bias,
                 (size_t)s[0], (size_t)s[1], (size_t)s[2]);
     Py_END_ALLOW_THREADS
     return out;
@@ -78,15 +98,19 @@ static PyObject *py_disc_logits(PyObject *mod, PyObject *args) {
 
 static PyObject *py_disc_backward(PyObject *mod, PyObject *args) {
     PyObject *go, *ho, *mo, *heado = Py_None;
-    if (!PyArg_ParseTuple(args, "OOO|O", &go, &ho, &mo, &heado)) return NULL;
+    const char *kind_name;
+    if (!PyArg_ParseTuple(args, "OOOs|O", &go, &ho, &mo, &kind_name, &heado)) return NULL;
     npy_intp s[3] = {-1, -1, -1};
     PyArrayObject *h = check_ble(ho, "hidden", s);
     PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
-    PyArrayObject *g = m ? check_array(go, "grad_logit", NPY_FLOAT32, 1, s, 0) : NULL;
-    if (!g) return NULL;
+    if (!m) return NULL;
+    DiscKind kind;
     PyArrayObject *w;
     float bias;
-    if (parse_head(heado, s[2], &w, &bias)) return NULL;
+    if (parse_disc(kind_name, heado, s[2], &kind, &w, &bias)) return NULL;
+    npy_intp gs[2] = {s[0], (npy_intp)disc_logit_count(kind, (size_t)s[1], (size_t)s[2])};
+    PyArrayObject *g = check_array(go, "grad_logit", NPY_FLOAT32, 2, gs, 0);
+    if (!g) return NULL;
     npy_intp hs[1] = {s[2]};
     PyObject *gh = new_float_array(3, s), *gw = PyArray_ZEROS(1, hs, NPY_FLOAT32, 0);
     if (!gh || !gw) {
@@ -97,7 +121,7 @@ static PyObject *py_disc_backward(PyObject *mod, PyObject *args) {
     float gb = 0.0f;
     Py_BEGIN_ALLOW_THREADS
     disc_backward(fdata((PyArrayObject *)gh), fdata((PyArrayObject *)gw), &gb, fdata(g), fdata(h),
-                  fdata(m), w ? fdata(w) : NULL, (size_t)s[0], (size_t)s[1], (size_t)s[2]);
+                  fdata(m), kind, w ? fdata(w) : NULL, (size_t)s[0], (size_t)s[1], (size_t)s[2]);
     Py_END_ALLOW_THREADS
     if (!w) {
         Py_DECREF(gw);
@@ -134,9 +158,11 @@ PyMethodDef distill_methods[] = {
     {"denoise_loss", py_denoise_loss, METH_VARARGS,
      "denoise_loss(pred, target, mask) -> (mean over mask-1 positions of ||pred-target||^2, grad)"},
     {"disc_logits", py_disc_logits, METH_VARARGS,
-     "disc_logits(hidden[B,L,H], mask, head=None|(w, b)) -> logit[B]"},
+     "disc_logits(hidden[B,L,H], mask, kind, head=None) -> logit[B,K]: kind 'token' (K=H, token "
+     "pooling), 'hidden_mean' (K=1) or 'linear' (K=L, head=(w[H], bias))"},
     {"disc_backward", py_disc_backward, METH_VARARGS,
-     "disc_backward(grad_logit, hidden, mask, head=None) -> (grad_hidden, grad_w|None, grad_b|None)"},
+     "disc_backward(grad_logit[B,K], hidden, mask, kind, head=None) -> (grad_hidden, grad_w|None, "
+     "grad_b|None)"},
     {"bce_with_logits", py_bce_with_logits, METH_VARARGS,
      "bce_with_logits(logit[B], target[B], clamp=10) -> (loss[B], grad_logit[B])"},
     {NULL}};
