@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _core
 from . import checkpoint as ckpt
+from .checkpoint import PathLike
 from .data import Seq2SeqData, decode_targets, encode_pairs
 from .diffusion import derive_seed, gaussian
 from .distributed import LocalComm, world
@@ -28,9 +29,10 @@ from .model import DiffusionTransformer
 from .optim import AdamW, NonFiniteGuard
 from .resources import check_memory, estimate_memory, parse_bytes
 from .sample import student_sample
-from .teacher import JsonlLog, NullLog, SequenceModel, Teacher, discard, latest_checkpoint
+from .generator import SequenceModel
+from .runlog import JsonlLog, NullLog, discard
+from .teacher import Teacher
 
-PathLike = Union[str, Path]
 FROZEN = ("word_embedding.weight", "lm_head.bias")
 
 
@@ -355,7 +357,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     info = {"t_init": config.t_init, "stage": stage, "distill_config": config.to_dict()}
     step, best = 0, {"bleu": -1.0, "step": 0}
     acc: Dict[str, List[float]] = {}  # the step values the next log record averages
-    start = comm.bcast(latest_checkpoint(out) if comm.is_root else None)
+    start = comm.bcast(ckpt.latest_checkpoint(out) if comm.is_root else None)
     if start is not None:
         step, best, acc = _restore(dist, rng, start, config)
         say(f"stage {stage}: resuming from {start} at step {step}")
