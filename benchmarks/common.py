@@ -539,3 +539,18 @@ class Context:
         if self.reps is not None:
             p["reps"] = self.reps
         return p
+
+    def pick(self, by_mode: Mapping[str, Any]) -> Any:
+        """``by_mode["quick"]`` with --quick, else ``by_mode["full"]``."""
+        return by_mode["quick" if self.quick else "full"]
+
+    def rows_for(self, by_mode: Mapping[str, Sequence[Any]],
+                 bench: Callable[["Context", Any], List[Row]]) -> List[Row]:
+        """The rows of ``bench(self, item)`` for every item of ``self.pick(by_mode)``,
+        collecting garbage after each so that its models are freed before the next
+        item is measured."""
+        rows: List[Row] = []
+        for item in self.pick(by_mode):
+            rows.extend(bench(self, item))
+            gc.collect()
+        return rows

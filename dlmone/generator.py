@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from .metrics import mbr_select
 from .model import DiffusionTransformer, ModelConfig
 from .sample import batched, candidate_seeds
 from .tokenizer import Tokenizer
+
+M = TypeVar("M", bound="SequenceModel")
 
 
 class SequenceModel:
@@ -100,6 +102,14 @@ class SequenceModel:
             self.tokenizer.save(tmp)
 
         return ckpt.atomic_write_dir(path, fill)
+
+    @classmethod
+    def load(cls: Type[M], path: PathLike) -> M:
+        """The model in folder ``path``, which must hold a ``cls.kind``."""
+        meta, model, tokenizer = cls.read_folder(path)
+        if meta["kind"] != cls.kind:
+            raise ValueError(f"{path} holds a {meta['kind']}, not a {cls.kind}")
+        return cls(model, tokenizer, {k: v for k, v in meta.items() if k not in ("kind", "model")})
 
     @staticmethod
     def read_folder(path: PathLike) -> Tuple[Dict[str, Any], DiffusionTransformer, Tokenizer]:

@@ -8,17 +8,17 @@ for an exact resume into ``out_dir/checkpoints/step-N`` and the EMA teacher into
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
 from . import checkpoint as ckpt
 from .checkpoint import PathLike
+from .config_io import RunConfig
 from .data import Seq2SeqData, encode_pairs
 from .diffusion import Diffusion, derive_seed, make_timestep_sampler, training_loss
 from .distributed import LocalComm, world
@@ -32,7 +32,7 @@ from .tokenizer import Tokenizer
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(RunConfig):
     """Everything that defines a teacher run. ``model`` overrides fields of the preset."""
 
     preset: str = "tiny"
@@ -64,11 +64,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.max_memory is not None:
             parse_bytes(self.max_memory)
-        for name in ("seq_len", "diffusion_steps", "batch_size", "grad_accum", "steps",
-                     "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.check_positive_ints(("seq_len", "diffusion_steps", "batch_size", "grad_accum", "steps",
+                                  "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints"))
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not self.lr > 0:
@@ -83,24 +80,6 @@ class TeacherConfig:
         kw = dict(self.model)
         kw.update(vocab_size=vocab_size, seq_len=self.seq_len, diffusion_steps=self.diffusion_steps)
         return ModelConfig.preset(self.preset, **kw)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def run_fields(self) -> Dict[str, Any]:
-        """What a resumed run must share with the saved one: every field but max_memory."""
-        return {k: v for k, v in self.to_dict().items() if k != "max_memory"}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TeacherConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TeacherConfig keys: {unknown}")
-        try:
-            return cls(**dict(d))
-        except TypeError as e:  # a value of the wrong type (a comparison failed)
-            raise ValueError(f"invalid TeacherConfig: {e}") from None
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -134,14 +113,6 @@ class Teacher(SequenceModel):
 
         return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
                               return_candidates, comm)
-
-    @classmethod
-    def load(cls, path: PathLike) -> "Teacher":
-        meta, model, tokenizer = cls.read_folder(path)
-        if meta["kind"] != cls.kind:
-            raise ValueError(f"{path} holds a {meta['kind']}, not a teacher")
-        info = {k: v for k, v in meta.items() if k not in ("kind", "model")}
-        return cls(model, tokenizer, info)
 
 
 # ------------------------------------------------------------------ training
