@@ -18,7 +18,6 @@ the two implementations compute the same thing.
 """
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import types
@@ -250,7 +249,7 @@ def check_same_step(dist, tdist, ids, mask, seed: int) -> Dict[str, Any]:
             "compared": sorted(rel)}
 
 
-def bench_preset(ctx: Context, preset: str) -> Row:
+def bench_preset(ctx: Context, preset: str) -> List[Row]:
     import torch
 
     plan = ctx.plan({**BENCH_BATCH[preset], **PLANS[preset]}, QUICK)
@@ -281,16 +280,12 @@ def bench_preset(ctx: Context, preset: str) -> Row:
     log(f"distill step {preset}: batch {B}x{L}")
     tm = common.interleaved({"dlmone": dl_step, "torch": th_step}, reps=plan["reps"],
                             warmup=plan["warmup"], min_block_s=plan["min_block"])
-    return Row(SECTION, f"{preset} psi+G step, batch {B}x{L}", "steps/s", 1.0 / tm["dlmone"].median,
-               1.0 / tm["torch"].median, TARGET,
-               details={"batch": B, "seq_len": L, "parameters_per_network": dist.phi.num_parameters(),
-                        "same_step_check": check, "torch_adam": ctx.torch_adamw,
-                        "timings": {k: v.to_dict() for k, v in tm.items()}})
+    return [Row(SECTION, f"{preset} psi+G step, batch {B}x{L}", "steps/s", 1.0 / tm["dlmone"].median,
+                1.0 / tm["torch"].median, TARGET,
+                details={"batch": B, "seq_len": L, "parameters_per_network": dist.phi.num_parameters(),
+                         "same_step_check": check, "torch_adam": ctx.torch_adamw,
+                         "timings": {k: v.to_dict() for k, v in tm.items()}})]
 
 
 def run(ctx: Context) -> List[Row]:
-    rows = []
-    for preset in PRESETS["quick" if ctx.quick else "full"]:
-        rows.append(bench_preset(ctx, preset))
-        gc.collect()
-    return rows
+    return ctx.rows_for(PRESETS, bench_preset)

@@ -20,7 +20,6 @@ Full 2000-step sequences/s = batch x steps/s / 2000.
 """
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from typing import Any, Dict, List
@@ -233,16 +232,8 @@ def sampler(ctx: Context, plan: Dict[str, Any]) -> List[Row]:
 
 
 def run_one_step(ctx: Context) -> List[Row]:
-    rows = []
-    for plan in ONE_STEP_PLANS["quick" if ctx.quick else "full"]:
-        rows.extend(one_step(ctx, plan))
-        gc.collect()
-    return rows
+    return ctx.rows_for(ONE_STEP_PLANS, one_step)
 
 
 def run_sampler(ctx: Context) -> List[Row]:
-    rows = []
-    for plan in SAMPLER_PLANS["quick" if ctx.quick else "full"]:
-        rows.extend(sampler(ctx, plan))
-        gc.collect()
-    return rows
+    return ctx.rows_for(SAMPLER_PLANS, sampler)

@@ -138,7 +138,7 @@ def run(ctx: Context) -> List[Row]:
     import dlmone
 
     rows: List[Row] = []
-    for preset in PRESETS["quick" if ctx.quick else "full"]:
+    for preset in ctx.pick(PRESETS):
         shape = BENCH_BATCH[preset]
         B, L = shape["batch"], shape["seq_len"]
         spec = {"preset": preset, "batch": B, "seq_len": L, "threads": ctx.threads, "seed": ctx.seed,

@@ -50,16 +50,12 @@ MFU_PRESET = {"full": "diffuseq_base", "quick": "tiny"}
 SCALING_PRESETS = {"full": ("small", "diffuseq_base"), "quick": ("tiny",)}
 
 
-def _mode(ctx: Context) -> str:
-    return "quick" if ctx.quick else "full"
-
-
 def run(ctx: Context) -> List[Row]:
     from bench_matmul import sgemm_peak
 
     rows: List[Row] = []
     measured: Dict[str, Any] = {}
-    for preset in TRAIN_PRESETS[_mode(ctx)]:
+    for preset in ctx.pick(TRAIN_PRESETS):
         shape = BENCH_BATCH[preset]
         plan = ctx.plan(PLANS[preset], QUICK)
         cfg, model, ref = common.model_pair(preset, shape["seq_len"], seed=ctx.seed)
@@ -81,7 +77,7 @@ def run(ctx: Context) -> List[Row]:
         del model, ref, step
         gc.collect()
 
-    preset = MFU_PRESET[_mode(ctx)]
+    preset = ctx.pick(MFU_PRESET)
     if preset in measured:
         m = measured[preset]
         flops = common.train_step_flops(m["cfg"], m["shape"]["batch"], m["shape"]["seq_len"])
@@ -110,7 +106,7 @@ def run_scaling(ctx: Context) -> List[Row]:
         return [Row(SECTION_SCALING, "thread scaling", "tok/s", None,
                     note="not measured: needs --threads 2 or more")]
     rows = [_gemm_scaling(ctx)]
-    for preset in SCALING_PRESETS[_mode(ctx)]:
+    for preset in ctx.pick(SCALING_PRESETS):
         rows.append(_scaling(ctx, preset))
         gc.collect()
     return rows

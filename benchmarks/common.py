@@ -1,6 +1,6 @@
 """Shared helpers for dlmone's benchmarks: interleaved timing with medians, result
 rows and tables, atomic JSON output, machine/library information, control of
-numpy's BLAS thread count (without threadpoolctl), resident-memory readings, and
+numpy's BLAS thread count (threadpoolctl), resident-memory readings (psutil), and
 the dlmone/PyTorch model pairs (same weights) with their training-step callables.
 
 Nothing here imports dlmone or torch at module level, so a benchmark can set
@@ -10,7 +10,6 @@ the PyTorch reference) at the front of sys.path.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import os
@@ -20,6 +19,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import psutil
+from threadpoolctl import ThreadpoolController
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -232,74 +234,34 @@ def jsonable(o: Any) -> Any:
 # ------------------------------------------------------------- numpy's BLAS
 
 
-def _loaded_libraries() -> List[str]:
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if ".so" in line and "/" in line}
-    except OSError:
-        return []
-    return sorted(paths)
+def _numpy_blas_controllers() -> List[Any]:
+    """threadpoolctl's controllers of the BLAS libraries numpy loaded (those under
+    site-packages with "numpy" in their path): dlmone's own scipy-openblas32 is left
+    alone, single-threaded as dlmone configures it."""
+    import numpy as np
 
-
-def _openblas_symbols(lib: ctypes.CDLL) -> Dict[str, Any]:
-    """The (prefix, suffix)-mangled OpenBLAS entry points of a loaded library."""
-    for prefix in ("scipy_openblas", "openblas"):
-        for suffix in ("64_", "", "_64"):
-            get_n = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            set_n = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get_n is not None and set_n is not None:
-                cfg = getattr(lib, f"{prefix}_get_config{suffix}", None)
-                core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
-                return {"get": get_n, "set": set_n, "config": cfg, "core": core}
-    return {}
+    np_dir = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+    return [c for c in ThreadpoolController().select(user_api="blas").lib_controllers
+            if c.filepath.startswith(np_dir) and "numpy" in c.filepath]
 
 
 def numpy_blas_libraries() -> List[Dict[str, Any]]:
-    """OpenBLAS libraries loaded by numpy (found in /proc/self/maps; numpy must be
-    imported and a BLAS call made), with their runtime core and thread count."""
-    import numpy as np
-
-    np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # make sure BLAS is loaded
-    np_dir = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
-    out = []
-    for path in _loaded_libraries():
-        base = os.path.basename(path).lower()
-        if "blas" not in base or not path.startswith(np_dir) or "numpy" not in path:
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        sym = _openblas_symbols(lib)
-        if not sym:
-            out.append({"path": path})
-            continue
-        info: Dict[str, Any] = {"path": path, "threads": int(sym["get"]())}
-        for key in ("config", "core"):
-            if sym[key] is not None:
-                sym[key].restype = ctypes.c_char_p
-                val = sym[key]()
-                info[key] = val.decode(errors="replace") if val else None
-        info["_set"] = sym["set"]
-        out.append(info)
-    return out
+    """The BLAS libraries numpy loaded, with their runtime core and thread count."""
+    return [{"path": c.filepath, "threads": c.num_threads, "core": getattr(c, "architecture", None),
+             "version": c.version, "threading_layer": getattr(c, "threading_layer", None)}
+            for c in _numpy_blas_controllers()]
 
 
 def set_numpy_blas_threads(n: int) -> List[Dict[str, Any]]:
-    """Set the thread count of numpy's OpenBLAS (only numpy's: dlmone's own
-    scipy-openblas32 stays single-threaded as dlmone configures it). Returns the
-    libraries touched, with the count read back."""
-    libs = numpy_blas_libraries()
-    for lib in libs:
-        setter = lib.pop("_set", None)
-        if setter is not None:
-            setter.argtypes = [ctypes.c_int]
-            setter(int(n))
-    return [{k: v for k, v in lib.items() if not k.startswith("_")} for lib in numpy_blas_libraries()]
+    """Set the thread count of numpy's BLAS (only numpy's, see _numpy_blas_controllers).
+    Returns the libraries touched, with the count read back."""
+    for c in _numpy_blas_controllers():
+        c.set_num_threads(int(n))
+    return numpy_blas_libraries()
 
 
 def numpy_blas_info() -> Dict[str, Any]:
-    """numpy's build-time BLAS (show_config) and runtime OpenBLAS core/threads."""
+    """numpy's build-time BLAS (show_config) and runtime BLAS core/threads."""
     import numpy as np
 
     info: Dict[str, Any] = {"numpy": np.__version__}
@@ -308,35 +270,34 @@ def numpy_blas_info() -> Dict[str, Any]:
         info["build_blas"] = cfg.get("Build Dependencies", {}).get("blas")
     except TypeError:
         info["build_blas"] = None
-    info["runtime"] = [{k: v for k, v in lib.items() if not k.startswith("_")}
-                       for lib in numpy_blas_libraries()]
+    info["runtime"] = numpy_blas_libraries()
     return info
 
 
 # ----------------------------------------------------------------- machine info
 
 
-def cpu_model() -> str:
+def _cpuinfo(key: str) -> Optional[str]:
+    """The first ``key`` line of /proc/cpuinfo (Linux): neither psutil nor platform
+    reports the CPU's model name or its instruction-set flags."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == key:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> List[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(fl for fl in flags if fl.startswith(("avx", "fma", "amx")))
-    except OSError:
-        pass
-    return []
+    """The vector/matrix extensions among the CPU's flags (AVX*, FMA, AMX*)."""
+    flags = (_cpuinfo("flags") or "").split()
+    return sorted(fl for fl in flags if fl.startswith(("avx", "fma", "amx")))
 
 
 def machine_info() -> Dict[str, Any]:
@@ -377,25 +338,14 @@ def dlmone_info() -> Dict[str, Any]:
 # ------------------------------------------------------------------ memory
 
 
-def _status_kib(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def rss_bytes() -> Optional[int]:
-    """Current resident set size of this process (VmRSS)."""
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    return psutil.Process().memory_info().rss
 
 
 def peak_rss_bytes() -> Optional[int]:
-    """High-water mark of the resident set of this process's address space (VmHWM).
+    """High-water mark of the resident set of this process's address space (VmHWM of
+    /proc/self/status, Linux; psutil does not report it).
 
     This is the figure getrusage's ru_maxrss reports for a process that was started
     by exec, minus one trap: the kernel folds the RSS peak of the address space that
@@ -403,18 +353,25 @@ def peak_rss_bytes() -> Optional[int]:
     subprocess does) into ru_maxrss, so a child of a big parent starts with a big
     ru_maxrss. VmHWM belongs to the new address space only, and reset_peak_rss()
     can move it to the current RSS."""
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib * 1024
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def ru_maxrss_bytes() -> int:
-    import resource
+    import resource  # Unix only
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def reset_peak_rss() -> bool:
-    """Set VmHWM to the current RSS (Linux >= 4.0, writing 5 to /proc/self/clear_refs)."""
+    """Set VmHWM to the current RSS (Linux >= 4.0, writing 5 to /proc/self/clear_refs;
+    psutil cannot), so a measurement's peak excludes what came before it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -582,3 +539,18 @@ class Context:
         if self.reps is not None:
             p["reps"] = self.reps
         return p
+
+    def pick(self, by_mode: Mapping[str, Any]) -> Any:
+        """``by_mode["quick"]`` with --quick, else ``by_mode["full"]``."""
+        return by_mode["quick" if self.quick else "full"]
+
+    def rows_for(self, by_mode: Mapping[str, Sequence[Any]],
+                 bench: Callable[["Context", Any], List[Row]]) -> List[Row]:
+        """The rows of ``bench(self, item)`` for every item of ``self.pick(by_mode)``,
+        collecting garbage after each so that its models are freed before the next
+        item is measured."""
+        rows: List[Row] = []
+        for item in self.pick(by_mode):
+            rows.extend(bench(self, item))
+            gc.collect()
+        return rows

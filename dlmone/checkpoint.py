@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 from safetensors import SafetensorError
@@ -289,4 +289,24 @@ def save_run_checkpoint(run_dir: PathLike, step: int, fill: Callable[[Path], Non
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
+    """The checkpoint ``checkpoints/latest`` names; if that folder is gone (or the pointer
+    is unreadable), the newest ``step-N`` folder left; None for a fresh run. Its files
+    are checked against their checksums (a corrupted one raises ValueError)."""
+    folder = Path(out_dir) / "checkpoints"
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_bytes().decode("utf-8", "replace").strip()
+    path = folder / name
+    if not (re.fullmatch(r"step-\d+", name) and path.is_dir()):
+        left = sorted(p for p in folder.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
+        if not left:
+            raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint folder, and no "
+                             f"other checkpoint is left; use another out_dir or resume=False")
+        path = left[-1]
+    verify_checksums(path)
     return path

@@ -1,9 +1,42 @@
-"""Reading run configs from JSON/TOML files and ``--set key=value`` overrides."""
+"""Run configs: their base class (of TeacherConfig and DistillConfig), reading them
+from JSON/TOML files and ``--set key=value`` overrides."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Iterable, Mapping, Type, TypeVar
+
+C = TypeVar("C", bound="RunConfig")
+
+
+class RunConfig:
+    """The base of a run's config dataclass: its dict form, the fields a resumed run
+    must share with the saved one, and loading from a dict with known keys only."""
+
+    def check_positive_ints(self, names: Iterable[str]) -> None:
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_fields(self) -> Dict[str, Any]:
+        """What a resumed run must share with the saved one: every field but max_memory."""
+        return {k: v for k, v in self.to_dict().items() if k != "max_memory"}
+
+    @classmethod
+    def from_dict(cls: Type[C], d: Mapping[str, Any]) -> C:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
+        try:
+            return cls(**dict(d))
+        except TypeError as e:  # a value of the wrong type (a comparison failed), or a nested config's unknown keys
+            raise ValueError(f"invalid {cls.__name__}: {e}") from None
 
 
 def read_config_file(path: str) -> Dict[str, Any]:

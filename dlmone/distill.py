@@ -8,7 +8,6 @@ step alternate; Adam with β1 = 0 and clipping by value for both.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import warnings
@@ -20,6 +19,8 @@ import numpy as np
 
 from . import _core
 from . import checkpoint as ckpt
+from .checkpoint import PathLike
+from .config_io import RunConfig
 from .data import Seq2SeqData, decode_targets, encode_pairs
 from .diffusion import derive_seed, gaussian
 from .distributed import LocalComm, world
@@ -28,9 +29,10 @@ from .model import DiffusionTransformer
 from .optim import EMA, AdamW, NonFiniteGuard
 from .resources import check_memory, estimate_memory, parse_bytes
 from .sample import student_sample
-from .teacher import JsonlLog, NullLog, SequenceModel, Teacher, discard, latest_checkpoint
+from .generator import SequenceModel
+from .runlog import JsonlLog, NullLog, discard
+from .teacher import Teacher
 
-PathLike = Union[str, Path]
 FROZEN = ("word_embedding.weight", "lm_head.bias")
 DISC_HEADS = ("token", "hidden_mean", "linear")
 
@@ -67,7 +69,7 @@ class StageConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(RunConfig):
     """Every hyper-parameter of SPEC §6; defaults are §6.5a's small-scale settings."""
 
     t_init: int = 1490
@@ -109,10 +111,7 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, Mapping):
                 setattr(self, name, StageConfig(**v))
-        for name in ("batch_size", "steps", "eval_every", "eval_size", "log_every", "save_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.check_positive_ints(("batch_size", "steps", "eval_every", "eval_size", "log_every", "save_every"))
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
         if self.disc_head not in DISC_HEADS:
@@ -138,24 +137,6 @@ class DistillConfig:
 
     def stage(self, n: int) -> StageConfig:
         return self.stage1 if n == 1 else self.stage2
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def run_fields(self) -> Dict[str, Any]:
-        """What a resumed run must share with the saved one: every field but max_memory."""
-        return {k: v for k, v in self.to_dict().items() if k != "max_memory"}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DistillConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown DistillConfig keys: {unknown}")
-        try:
-            return cls(**dict(d))
-        except TypeError as e:  # a value of the wrong type (or a stage with unknown keys)
-            raise ValueError(f"invalid DistillConfig: {e}") from None
 
 
 class Student(SequenceModel):
@@ -184,14 +165,11 @@ class Student(SequenceModel):
 
     @classmethod
     def load(cls, path: PathLike) -> "Student":
-        meta, model, tokenizer = cls.read_folder(path)
-        if meta["kind"] != cls.kind:
-            raise ValueError(f"{path} holds a {meta['kind']}, not a student")
-        t_init = meta.get("t_init")
-        if isinstance(t_init, bool) or not isinstance(t_init, int) or not 0 <= t_init < model.config.diffusion_steps:
-            raise ValueError(f"{path}/config.json: t_init must be a timestep in [0, "
-                             f"{model.config.diffusion_steps}), got {t_init!r}")
-        return cls(model, tokenizer, {k: v for k, v in meta.items() if k not in ("kind", "model")})
+        student = super().load(path)
+        t_init, T = student.info.get("t_init"), student.config.diffusion_steps
+        if isinstance(t_init, bool) or not isinstance(t_init, int) or not 0 <= t_init < T:
+            raise ValueError(f"{path}/config.json: t_init must be a timestep in [0, {T}), got {t_init!r}")
+        return student
 
 
 # --------------------------------------------------------------------- steps
@@ -445,7 +423,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     info = {"t_init": config.t_init, "stage": stage, "distill_config": config.to_dict()}
     step, best = 0, {"bleu": -1.0, "step": 0}
     acc: Dict[str, List[float]] = {}  # the step values the next log record averages
-    start = comm.bcast(latest_checkpoint(out) if comm.is_root else None)
+    start = comm.bcast(ckpt.latest_checkpoint(out) if comm.is_root else None)
     if start is not None:
         step, best, acc = _restore(dist, rng, start, config)
         say(f"stage {stage}: resuming from {start} at step {step}")

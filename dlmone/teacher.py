@@ -1,4 +1,5 @@
-"""The teacher: a DiffuSeq-style diffusion LM. Training (SPEC §5), sampling, saving.
+"""The teacher: a DiffuSeq-style diffusion LM. Training (SPEC §5) and sampling; saving
+and loading come from the generator base class (:mod:`dlmone.generator`).
 
 ``train_teacher(config, data, out_dir)`` trains with AdamW, warm-up and linear decay,
 EMA, gradient accumulation and periodic validation; it checkpoints everything needed
@@ -7,32 +8,31 @@ for an exact resume into ``out_dir/checkpoints/step-N`` and the EMA teacher into
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
 from . import checkpoint as ckpt
-from .data import Seq2SeqData, decode_targets, encode_pairs
-from .diffusion import Diffusion, decode_tokens, derive_seed, make_timestep_sampler, training_loss
+from .checkpoint import PathLike
+from .config_io import RunConfig
+from .data import Seq2SeqData, encode_pairs
+from .diffusion import Diffusion, derive_seed, make_timestep_sampler, training_loss
 from .distributed import LocalComm, world
-from .metrics import mbr_select
+from .generator import SequenceModel
 from .model import DiffusionTransformer, ModelConfig
 from .optim import EMA, AdamW, NonFiniteGuard
 from .resources import check_memory, estimate_memory, parse_bytes
-from .sample import batched, candidate_seeds, teacher_sample
+from .runlog import JsonlLog, NullLog, discard
+from .sample import batched, teacher_sample
 from .tokenizer import Tokenizer
-
-PathLike = Union[str, Path]
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(RunConfig):
     """Everything that defines a teacher run. ``model`` overrides fields of the preset."""
 
     preset: str = "tiny"
@@ -64,11 +64,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.max_memory is not None:
             parse_bytes(self.max_memory)
-        for name in ("seq_len", "diffusion_steps", "batch_size", "grad_accum", "steps",
-                     "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.check_positive_ints(("seq_len", "diffusion_steps", "batch_size", "grad_accum", "steps",
+                                  "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints"))
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not self.lr > 0:
@@ -84,139 +81,12 @@ class TeacherConfig:
         kw.update(vocab_size=vocab_size, seq_len=self.seq_len, diffusion_steps=self.diffusion_steps)
         return ModelConfig.preset(self.preset, **kw)
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def run_fields(self) -> Dict[str, Any]:
-        """What a resumed run must share with the saved one: every field but max_memory."""
-        return {k: v for k, v in self.to_dict().items() if k != "max_memory"}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TeacherConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TeacherConfig keys: {unknown}")
-        try:
-            return cls(**dict(d))
-        except TypeError as e:  # a value of the wrong type (a comparison failed)
-            raise ValueError(f"invalid TeacherConfig: {e}") from None
-
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
     if warmup and step < warmup:
         return base * (step + 1) / warmup
     return base * max(0.0, (total - step) / max(1, total - warmup))
-
-
-class SequenceModel:
-    """What teachers and students share: a network, its tokenizer, its diffusion,
-    encoding of sources and decoding of outputs, saving and loading."""
-
-    kind = "model"
-
-    def __init__(self, model: DiffusionTransformer, tokenizer: Tokenizer, info: Dict[str, Any]) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = model.config
-        self.diffusion = Diffusion(model.config.diffusion_steps)
-        self.info = info
-
-    def encode_sources(self, sources: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-        if isinstance(sources, str):
-            raise TypeError("sources must be a list of strings, not a single str")
-        ids, mask = encode_pairs([(s, "") for s in sources], self.tokenizer, self.config.seq_len)
-        return ids, mask
-
-    def output_ids(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Token ids of generated embeddings x: decoded on the target positions, the
-        source's ids elsewhere."""
-        return np.where(mask > 0, decode_tokens(self.model, x), ids)
-
-    def _generate(self, sources: Sequence[str], sample: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
-                  num_candidates: int, seed: int, batch_size: int, return_ids: bool,
-                  return_candidates: bool, comm: Optional[LocalComm]) -> Any:
-        """Batched generation of S candidates per source (``sample(x_src, mask, seed)`` -> x0),
-        decoding, and the MBR choice when S > 1. With a communicator of K ranks the
-        (candidate, batch) pairs are dealt round robin to the ranks and the token ids
-        gathered: every rank returns the whole, single-process result."""
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ids, mask = self.encode_sources(sources)
-        if not len(sources):
-            out0: List[Any] = [[]] + ([ids.astype(np.int64)] if return_ids else []) + ([[]] if return_candidates else [])
-            return out0[0] if len(out0) == 1 else tuple(out0)
-        comm = LocalComm() if comm is None else comm
-        x_src = self.model.embed(ids)
-        batches = batched(len(sources), batch_size)
-        seeds = candidate_seeds(seed, num_candidates)
-        jobs = [(c, b) for c in range(num_candidates) for b in range(len(batches))]
-        done: Dict[Tuple[int, int], np.ndarray] = {}
-        for j, (c, b) in enumerate(jobs):
-            if comm.owns(j):
-                sl = batches[b]
-                done[c, b] = self.output_ids(sample(x_src[sl], mask[sl], derive_seed(seeds[c], b)),
-                                             ids[sl], mask[sl])
-        for part in comm.allgather(done):
-            done.update(part)
-        cand_ids = [np.concatenate([done[c, b] for b in range(len(batches))]) for c in range(num_candidates)]
-        texts_by_candidate = [decode_targets(tok, mask, self.tokenizer) for tok in cand_ids]
-        cands = [list(texts) for texts in zip(*texts_by_candidate)]
-        if num_candidates == 1:
-            texts, chosen_ids = [c[0] for c in cands], cand_ids[0]
-        else:
-            texts = mbr_select(cands)
-            pick = [c.index(t) for c, t in zip(cands, texts)]
-            chosen_ids = np.stack([cand_ids[p][i] for i, p in enumerate(pick)])
-        out: List[Any] = [texts]
-        if return_ids:
-            out.append(chosen_ids)
-        if return_candidates:
-            out.append(cands)
-        return out[0] if len(out) == 1 else tuple(out)
-
-    def save(self, path: PathLike) -> Path:
-        """Write the model folder atomically (config.json, model.safetensors, vocab.txt)."""
-        meta = {"kind": self.kind, "model": self.config.to_dict(), **self.info}
-
-        def fill(tmp: Path) -> None:
-            (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            weights = {k: v for k, v in self.model.state_dict().items() if k != "lm_head.weight"}
-            ckpt.save_tensors(tmp / "model.safetensors", weights)
-            self.tokenizer.save(tmp)
-
-        return ckpt.atomic_write_dir(path, fill)
-
-    @staticmethod
-    def read_folder(path: PathLike) -> Tuple[Dict[str, Any], DiffusionTransformer, Tokenizer]:
-        path = ckpt.resolve_dir(path)
-        ckpt.verify_checksums(path)
-        meta = ckpt.read_json(path / "config.json")
-        if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "kind" not in meta:
-            raise ValueError(f"{path}/config.json is not a dlmone model config")
-        try:
-            config = ModelConfig.from_dict(meta["model"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}/config.json: {e}") from None
-        model = DiffusionTransformer(config)
-        tensors = ckpt.load_tensors(path / "model.safetensors")
-        expected = {k: shape for k, (_, shape) in model.layout.items()}
-        ckpt.check_tensors(tensors, expected, str(path / "model.safetensors"))
-        model.load_state_dict(tensors)
-        tokenizer = Tokenizer.load(path)
-        if tokenizer.vocab_size != config.vocab_size:
-            raise ValueError(f"{path}: vocab.txt has {tokenizer.vocab_size} tokens but the model "
-                             f"expects {config.vocab_size}")
-        return meta, model, tokenizer
-
-    def __repr__(self) -> str:
-        c = self.config
-        return (f"{type(self).__name__}(params={self.model.num_parameters():,}, V={c.vocab_size}, "
-                f"E={c.emb_dim}, H={c.hidden_dim}, layers={c.num_layers}, L={c.seq_len}, "
-                f"T={c.diffusion_steps})")
 
 
 class Teacher(SequenceModel):
@@ -244,52 +114,8 @@ class Teacher(SequenceModel):
         return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
                               return_candidates, comm)
 
-    @classmethod
-    def load(cls, path: PathLike) -> "Teacher":
-        meta, model, tokenizer = cls.read_folder(path)
-        if meta["kind"] != cls.kind:
-            raise ValueError(f"{path} holds a {meta['kind']}, not a teacher")
-        info = {k: v for k, v in meta.items() if k not in ("kind", "model")}
-        return cls(model, tokenizer, info)
-
 
 # ------------------------------------------------------------------ training
-class JsonlLog:
-    """Append one JSON object per line, flushed every write. Records of steps after
-    ``keep_through`` (those a resumed run will write again) are dropped first."""
-
-    def __init__(self, path: Path, keep_through: int = -1) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            # only newline-terminated lines are records: a crash can cut the last one short
-            lines = path.read_bytes().split(b"\n")[:-1]
-            kept = [line.decode() for line in lines
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_through]
-            ckpt.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
-        self._f = open(path, "a", buffering=1)
-
-    def write(self, **record: Any) -> None:
-        self._f.write(json.dumps(record, sort_keys=True) + "\n")
-
-    def close(self) -> None:
-        self._f.close()
-
-
-class NullLog:
-    """The log of the MPI ranks other than 0: rank 0 alone writes the run's log."""
-
-    def write(self, **record: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def discard(message: str) -> None:
-    """The ``print_fn`` of the MPI ranks other than 0."""
-
-
 def build_tokenizer(config: TeacherConfig, data: Seq2SeqData) -> Tokenizer:
     if config.vocab_file:
         return Tokenizer.from_vocab_file(config.vocab_file)
@@ -297,26 +123,6 @@ def build_tokenizer(config: TeacherConfig, data: Seq2SeqData) -> Tokenizer:
     if not texts:
         raise ValueError("the training split is empty: nothing to train a tokenizer on")
     return Tokenizer.train(texts, config.vocab_size)
-
-
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The checkpoint ``checkpoints/latest`` names; if that folder is gone (or the pointer
-    is unreadable), the newest ``step-N`` folder left; None for a fresh run. Its files
-    are checked against their checksums (a corrupted one raises ValueError)."""
-    folder = out_dir / "checkpoints"
-    pointer = folder / "latest"
-    if not pointer.is_file():
-        return None
-    name = pointer.read_bytes().decode("utf-8", "replace").strip()
-    path = folder / name
-    if not (re.fullmatch(r"step-\d+", name) and path.is_dir()):
-        left = sorted(p for p in folder.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name))
-        if not left:
-            raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint folder, and no "
-                             f"other checkpoint is left; use another out_dir or resume=False")
-        path = left[-1]
-    ckpt.verify_checksums(path)
-    return path
 
 
 def validation_loss(model: DiffusionTransformer, diffusion: Diffusion, ids: np.ndarray,
@@ -369,7 +175,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     if not data.train:
         raise ValueError("no training pairs")
     comm.check_same({**config.to_dict(), "training pairs": len(data.train)})
-    start = comm.bcast(latest_checkpoint(out_dir) if resume and comm.is_root else None)
+    start = comm.bcast(ckpt.latest_checkpoint(out_dir) if resume and comm.is_root else None)
     if start is not None:
         run = ckpt.read_run_json(start, {"config": dict, "step": int, "opt_step": int, "rng": dict})
         saved = TeacherConfig.from_dict(run["config"])

@@ -18,7 +18,8 @@ import dlmone
 from dlmone import checkpoint as ckpt
 from dlmone.builtin_task import make_builtin_task
 from dlmone.data import Seq2SeqData
-from dlmone.teacher import SequenceModel, Teacher, TeacherConfig, train_teacher
+from dlmone.generator import SequenceModel
+from dlmone.teacher import Teacher, TeacherConfig, train_teacher
 
 MODEL = {"emb_dim": 8, "hidden_dim": 16, "num_layers": 1, "num_heads": 2, "ffn_dim": 32, "time_dim": 8}
 TINY_RUN = dict(preset="tiny", model=MODEL, seq_len=24, vocab_size=120, steps=6, batch_size=8,

@@ -48,7 +48,7 @@ from dlmone.distill import DistillConfig, Student, distill
 from dlmone.model import DiffusionTransformer, ModelConfig
 from dlmone.resources import (MemoryLimitError, available_memory, check_memory, estimate_memory,
                               parse_bytes, workspace_bytes)
-from dlmone.teacher import Teacher, TeacherConfig, latest_checkpoint, train_teacher
+from dlmone.teacher import Teacher, TeacherConfig, train_teacher
 from dlmone.tokenizer import Tokenizer
 
 from conftest import SHARED_DATA
@@ -160,7 +160,7 @@ def _kill_until_done(cmd, out, seconds, n_kills, seed, check_loads, check_same):
 
 
 def _check_teacher_run_loads(out):
-    start = latest_checkpoint(out)  # verifies the checksums
+    start = ckpt.latest_checkpoint(out)  # verifies the checksums
     if start is not None:
         run = ckpt.read_run_json(start, {"config": dict, "step": int, "opt_step": int, "rng": dict})
         assert run["step"] == int(start.name[len("step-"):])
@@ -216,7 +216,7 @@ def distill_run(tmp_path_factory, teacher_run, data_dir):
 
 def _check_distill_run_loads(out):
     for stage in ("stage1", "stage2"):
-        start = latest_checkpoint(out / stage) if (out / stage).exists() else None
+        start = ckpt.latest_checkpoint(out / stage) if (out / stage).exists() else None
         if start is not None:
             run = ckpt.read_run_json(start, {"config": dict, "step": int, "rng": dict, "best": dict})
             assert run["step"] == int(start.name[len("step-"):])
@@ -605,7 +605,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, data_dir
                      err["message"]), err["message"]
     # the step-3 checkpoint is intact and the only one; nothing half-written is left
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000003"]
-    assert latest_checkpoint(out) == out / "checkpoints" / "step-00000003"
+    assert ckpt.latest_checkpoint(out) == out / "checkpoints" / "step-00000003"
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert not (out / "teacher").exists()
     # with space again, resuming ends where an uninterrupted run ends
