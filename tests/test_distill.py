@@ -384,7 +384,6 @@ def _tq(torch, x0, t, eps, m3):
 
 
 def _torch_g_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, head):
-    F = torch.nn.functional
     B, E = len(ids), cfg.emb_dim
     x_real, x_init, m3, t, eps = _noise_inputs(torch, cfg, phi, ids, mask, seed, config.t_init,
                                                config.t_min, config.t_max)
@@ -470,7 +469,6 @@ def test_g_step_gradient_matches_torch(rng, same, case):
 
 
 def _torch_psi_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, head):
-    F = torch.nn.functional
     B = len(ids)
     x_real, x_init, m3, t, eps = _noise_inputs(torch, cfg, phi, ids, mask, seed, config.t_init,
                                                config.t_min, config.t_max)
