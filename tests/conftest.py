@@ -28,6 +28,60 @@ TINY_SAME = dict(
 )
 
 
+# Skips that depend on the machine rather than on a missing install or missing data;
+# any other skip fails the session when DLMONE_STRICT_SKIPS=1, or CI=true and
+# DLMONE_STRICT_SKIPS unset. A skip matches when one of these is part of its reason.
+ALLOWED_SKIPS = (
+    "no AMX-BF16 on this CPU or build",  # tests/test_model.py: bf16 inference needs AMX
+)
+
+
+def _strict_skips() -> bool:
+    flag = os.environ.get("DLMONE_STRICT_SKIPS")
+    if flag is None:
+        flag = os.environ.get("CI", "")
+    return flag.strip().lower() in ("1", "true", "yes")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+_unexpected_skips = []
+
+
+def _note_skip(report) -> None:
+    # an xfail is reported as skipped too; it is not a skip
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+            _unexpected_skips.append((report.nodeid, reason))
+
+
+def pytest_collectreport(report):
+    _note_skip(report)  # a module-level importorskip skips at collection
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # OK, or NO_TESTS_COLLECTED when every test was skipped; a failure keeps its status
+    if _strict_skips() and _unexpected_skips and exitstatus in (pytest.ExitCode.OK,
+                                                                 pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _strict_skips() and _unexpected_skips:
+        terminalreporter.section("unexpected skips (not in tests/conftest.py ALLOWED_SKIPS)", red=True)
+        for nodeid, reason in _unexpected_skips:
+            terminalreporter.line(f"{nodeid}: {reason}", red=True)
+
+
 def make_config(**overrides):
     import dlmone
 

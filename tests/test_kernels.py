@@ -124,29 +124,86 @@ def test_kernel_entry_points_reject_bad_input():
         _core.timestep_embedding(np.zeros(2, np.float32), 1)
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 33, 5), (300, 64, 700), (2048, 128, 384),
-                                   (384, 2048, 128), (65, 1000, 97)])
-def test_linear_matches_numpy_and_is_thread_independent(M, K, N):
-    """The tiled product (its tile plan depends on the shape only) against float64,
-    and bitwise the same for 1 and 2 threads."""
+def _at_threads(fn, counts=(1, 2)):
+    """fn() at each OpenMP thread count; the count is restored afterwards."""
     import dlmone
 
+    before = dlmone.get_num_threads()
+    try:
+        outs = []
+        for threads in counts:
+            dlmone.set_num_threads(threads)
+            outs.append(fn())
+        return outs
+    finally:
+        dlmone.set_num_threads(before)
+
+
+def _assert_product_close(got, ref, K, name):
+    """float32 sums of K terms of |x| <= ~4: error about sqrt(K) eps of the largest entry."""
+    err = np.abs(got - ref).max()
+    assert err < 1e-5 * np.sqrt(K) * np.abs(ref).max() + 1e-6, f"{name}: max error {err:.3e}"
+
+
+# tile_plan() in csrc/core/kernels.c splits products of >= 2^21 multiply-adds in 4: over K
+# when there is no epilogue and K >= 4 max(M, N), else over rows (M >= N, M >= 64), else
+# over columns (N >= 64); the comments name the branch with bias / without.
+@pytest.mark.parametrize("M,K,N", [
+    (1, 1, 1),          # one call / one call
+    (7, 33, 5),         # one call / one call
+    (300, 64, 700),     # columns / columns
+    (2048, 128, 384),   # rows / rows
+    (2049, 40, 96),     # rows with a short last block / rows
+    (384, 2048, 128),   # rows / K split
+    (65, 1000, 97),     # columns / K split
+    (48, 1200, 40),     # one call (M, N < 64) / K split
+])
+def test_linear_matches_numpy_and_is_thread_independent(M, K, N):
+    """The tiled product y = x w^T (+ b), bias epilogue or none, against float64, and
+    bitwise the same for 1 and 2 threads."""
     rng = np.random.default_rng(M * 7 + N)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
     b = rng.standard_normal(N).astype(np.float32)
-    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
-    before = dlmone.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2):
-            dlmone.set_num_threads(threads)
-            outs.append(_core.linear(x, w, b))
-    finally:
-        dlmone.set_num_threads(before)
-    assert np.array_equal(outs[0], outs[1])
-    assert np.abs(outs[0] - ref).max() < 1e-5 * np.sqrt(K) * np.abs(ref).max() + 1e-6
-    assert np.allclose(_core.linear(x, w), ref - b, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    for bias in (b, None):
+        args = (x, w) if bias is None else (x, w, bias)
+        outs = _at_threads(lambda: _core.linear(*args))
+        assert np.array_equal(outs[0], outs[1]), "1 and 2 threads differ"
+        _assert_product_close(outs[0], ref if bias is None else ref + b, K, f"bias={bias is not None}")
+
+
+@pytest.mark.parametrize("V,E,M", [
+    (96, 40, 3000),  # dW = dlogits^T h: K split (A transposed, accumulating); dh = dlogits W: rows
+    (48, 1000, 50),  # dW: columns (A transposed); dh: columns
+])
+def test_weight_gradient_products_match_numpy_and_are_thread_independent(V, E, M):
+    """Model.logits_backward runs linear_backward: dh = g W (B not transposed), dW += g^T h
+    (A transposed, accumulating into the gradients), db += colsum(g); against float64, the
+    second call doubles the gradients exactly, and 1 and 2 threads agree bitwise."""
+    rng = np.random.default_rng(V + E + M)
+    h = rng.standard_normal((M, E)).astype(np.float32)
+    g = rng.standard_normal((M, V)).astype(np.float32)
+
+    def run():
+        m = _core.Model(V, E, 8, 1, 2, 8, 4, 4, 0.0, 1e-12, 0)
+        m.params[:] = np.random.default_rng(0).standard_normal(m.params.shape)
+        (_, w_off, _), (_, b_off, _) = m.layout()[:2]
+        dh = m.logits_backward(h, g)
+        first = m.grads.copy()
+        m.logits_backward(h, g)
+        assert np.array_equal(m.grads, 2 * first), "the second backward does not accumulate exactly"
+        W = m.params[w_off:w_off + V * E].reshape(V, E).copy()
+        return dh, first[w_off:w_off + V * E].reshape(V, E), first[b_off:b_off + V], W
+
+    outs = _at_threads(run)
+    for a, b in zip(outs[0], outs[1]):
+        assert np.array_equal(a, b), "1 and 2 threads differ"
+    dh, dW, db, W = outs[0]
+    g64, h64 = g.astype(np.float64), h.astype(np.float64)
+    _assert_product_close(dh, g64 @ W, V, "dh")
+    _assert_product_close(dW, g64.T @ h64, M, "dW")
+    _assert_product_close(db, g64.sum(axis=0), M, "db")
 
 
 def test_linear_bad_input():

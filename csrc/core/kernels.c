@@ -78,7 +78,9 @@ static int matmul_split_k(int ta, int tb, size_t M, size_t N, size_t K, size_t t
 static inline float gelu_grad(float x) {
     const float inv_sqrt_2pi = 0.3989422804014327f;
     float cdf = 0.5f * (1.0f + dl_erff(x * (float)M_SQRT1_2));
-    return cdf + x * dl_expf(-0.5f * x * x) * inv_sqrt_2pi;
+    /* explicit fma: left to the compiler, the vector loop and its scalar remainder
+     * contract differently, and results would depend on where threads split */
+    return fmaf(x * dl_expf(-0.5f * x * x), inv_sqrt_2pi, cdf);
 }
 
 static void bias_row(float *restrict c, const float *restrict bias, size_t n) {
@@ -303,7 +305,7 @@ void silu_backward(float *dx, const float *x, const float *dout, size_t n) {
 #pragma omp parallel for simd schedule(static) if (n > DL_PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float s = dl_sigmoidf(x[i]);
-        dx[i] = dout[i] * s * (1.0f + x[i] * (1.0f - s));
+        dx[i] = dout[i] * s * fmaf(x[i], 1.0f - s, 1.0f); /* explicit fma: see gelu_grad */
     }
     DL_PROFILE_END(DL_K_ACTIVATION);
 }

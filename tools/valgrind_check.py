@@ -1,6 +1,6 @@
 """The C core under valgrind memcheck: a short real pipeline, then a verdict.
 
-    python benchmarks/valgrind_check.py            # 3 to 5 minutes on 2 cores
+    python tools/valgrind_check.py            # 3 to 5 minutes on 2 cores
 
 runs itself again under
 
