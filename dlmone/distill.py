@@ -92,7 +92,7 @@ class DistillConfig(RunConfig):
     batch_size: int = 64
     steps: int = 600                # per stage
     eval_every: int = 100
-    eval_size: int = 200
+    eval_size: int = 1000            # validation pairs (fewer when the split is smaller): selection noise falls with n
     eval_steps: int = 1             # student inference steps at validation
     log_every: int = 10
     save_every: int = 200
