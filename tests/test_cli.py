@@ -500,3 +500,34 @@ def test_pipeline_through_pipes(env, own_files, tmp_path):
     assert {k: scores[k] for k in want} == pytest.approx(want)
     assert scores["n"] == 6
     assert "6 sequences in" in (tmp_path / "gen.err").read_text()
+
+
+# ------------------------------------------------------------------ dlmone.load
+def test_loaded_model_repr_and_precision_keyword(env, own_files):
+    import numpy as np
+
+    teacher = dlmone.load(env["teacher"])
+    c = teacher.config
+    text = repr(teacher)
+    assert text == (f"Teacher(params={teacher.model.num_parameters():,}, layers={c.num_layers}, "
+                    f"hidden={c.hidden_dim}, emb={c.emb_dim}, heads={c.num_heads}, vocab={c.vocab_size}, "
+                    f"seq_len={c.seq_len}, T={c.diffusion_steps}, vocabulary='{teacher.tokenizer.vocab_size} "
+                    f"WordPiece tokens, lower-cased', precision=float32)")
+    sources = own_files["txt"].read_text().splitlines()
+    kw = dict(method="ddim", steps=3, return_ids=True)
+    _, ids32 = teacher.generate(sources, **kw)
+    if not dlmone.build_info()["amx_bf16"]:
+        with pytest.raises(RuntimeError, match="AMX-BF16"):
+            teacher.generate(sources, precision="bf16", **kw)
+        return
+    _, ids16 = teacher.generate(sources, precision="bf16", **kw)
+    assert teacher.model.inference_precision == "float32"  # the keyword is for that call only
+    teacher.model.inference_precision = "bf16"
+    assert "precision=bf16" in repr(teacher)
+    _, ids_attr = teacher.generate(sources, **kw)
+    assert np.array_equal(ids16, ids_attr)  # the keyword is the attribute, for one call
+    _, back = teacher.generate(sources, precision="float32", **kw)
+    assert np.array_equal(back, ids32) and teacher.model.inference_precision == "bf16"
+    with pytest.raises(ValueError, match="inference_precision must be one of"):
+        teacher.generate(sources, precision="fp16", **kw)
+    assert teacher.model.inference_precision == "bf16"
