@@ -63,7 +63,9 @@ def _generation_input(args: argparse.Namespace):
     if args.input is not None:
         if args.split is not None:
             raise ValueError("--split goes with --data; --input reads every line of its file")
-        sources, targets = read_sources(args.input)
+        # under mpirun only rank 0 gets stdin: it reads, the others receive
+        comm = args.comm
+        sources, targets = comm.bcast(read_sources(args.input) if comm.is_root else None)
     else:
         split = args.split or "test"
         if args.data == "builtin":
@@ -163,6 +165,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_split, read_generations, read_lines
     from .metrics import bertscore, evaluate, mbr_select
     say = _say(args)
+    if args.model and not args.baselines:
+        raise ValueError("--model goes with --baselines (it decodes the baselines' texts)")
     name, rows = read_generations(args.file)
     hyps = [_strip_specials(r["recover"]) for _, r in rows]
     cands = [[_strip_specials(c) for c in r["candidates"]] if r.get("candidates") else None for _, r in rows]

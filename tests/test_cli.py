@@ -467,6 +467,8 @@ def test_evaluate_baselines(env, gen_files, tmp_path, capsys):
     # without --model the texts are scored as written
     assert main(["evaluate", str(plain), "--baselines", env["data"], "--out", str(out)]) == 0
     assert json.loads(out.read_text())["baseline_texts"] == "as written in the data folder"
+    assert main(["evaluate", str(plain), "--model", env["teacher"], "--out", str(out)]) == 2
+    assert "--model goes with --baselines" in capsys.readouterr().err
     no_src = tmp_path / "nosrc.jsonl"
     no_src.write_text(json.dumps({"recover": "a", "reference": "a"}) + "\n")
     assert main(["evaluate", str(no_src), "--baselines", env["data"]]) == 2
