@@ -3,7 +3,10 @@
 Trains (or reuses) a teacher, evaluates its samplers (ancestral T steps with clamping,
 DDIM k), distils it in the configured variants (two stages, one stage, SiD only,
 linear discriminator head ...), evaluates the students at 1/2/4 steps, and writes a
-JSON, a markdown table and a PNG of BLEU against network evaluations per sequence.
+JSON, a markdown table and a PNG of BLEU against network evaluations per sequence. The
+table has both BLEU orientations (SPEC §7) and SPEC §7.1's baselines as rows (copy the
+source, the most frequent training target, the best of 10 frequent targets on valid),
+and warns about every model row that does not beat the constant string.
 
   python benchmarks/task_results.py --task builtin --out benchmarks/results/builtin
   python benchmarks/task_results.py --task ../shared/data/qqp --teacher runs/qqp-small/teacher \
@@ -50,7 +53,9 @@ def main() -> None:
     from dlmone.builtin_task import make_builtin_task
     from dlmone.config_io import apply_overrides
     from dlmone.data import Seq2SeqData, load_split
-    from dlmone.demo import measure_generation
+    from dlmone.baselines import constant_warnings
+    from dlmone.demo import TABLE_NOTE, measure_baselines, measure_generation
+    from dlmone.metrics import BLEU_PROTOCOL
     from dlmone.distill import DistillConfig, distill
     from dlmone.plots import bleu_vs_nfe
     from dlmone.teacher import Teacher, TeacherConfig, train_teacher
@@ -64,7 +69,8 @@ def main() -> None:
                            valid=load_split(args.task, "valid", limit=200))
         setattr(data, args.split, load_split(args.task, args.split))
     eval_pairs = getattr(data, args.split)[args.skip:args.skip + args.n]
-    record = {"task": args.task, "split": args.split, "machine": machine_info(), "args": vars(args)}
+    record = {"task": args.task, "split": args.split, "machine": machine_info(), "args": vars(args),
+              "bleu_protocol": BLEU_PROTOCOL}
     if args.teacher:
         teacher_dir = Path(args.teacher)
     else:
@@ -77,6 +83,10 @@ def main() -> None:
     teacher = Teacher.load(teacher_dir)
     T = teacher.diffusion.T
     rows = []
+    # the baselines' texts go through the teacher's tokenizer like the references
+    baselines = {n: measure_baselines(teacher, eval_pairs[:n], data.train, data.valid)
+                 for n in sorted({len(eval_pairs), len(eval_pairs[:args.n_slow])})}
+    record["baselines"] = baselines[len(eval_pairs)]
 
     def run(name, kind, nfe, model, pairs, **kw):
         res = measure_generation(model, pairs, **kw)
@@ -106,13 +116,22 @@ def main() -> None:
     base = next(r for r in rows if r["nfe"] == T)["seq_per_s"]
     for r in rows:
         r["speedup_vs_ancestral"] = r["seq_per_s"] / base
+    warnings = [w for r in rows for w in constant_warnings([r], baselines[r["n"]])]
+    record["warnings"] = warnings
     write_json_atomic(str(out / "results.json"), {**record, "rows": rows})
     bleu_vs_nfe([r for r in rows if r["kind"] in ("teacher", "student")], out / "bleu_vs_nfe.png", args.task)
-    lines = ["| generator | NFE/seq | BLEU | ROUGE-L | Dist-1 | Len | self-BLEU | seq/s | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| generator | NFE/seq | BLEU | BLEU-DS | ROUGE-L | Dist-1 | Len | self-BLEU | seq/s | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['nfe']} | {r['bleu']:.4f} | {r['rouge_l']:.4f} | {r['dist1']:.3f} | "
-                     f"{r['len']:.1f} | {r['self_bleu']:.3f} | {r['seq_per_s']:.1f} | {r['speedup_vs_ancestral']:.0f}x |")
+        lines.append(f"| {r['name']} | {r['nfe']} | {r['bleu']:.4f} | {r['bleu_diffuseq']:.4f} | {r['rouge_l']:.4f} | "
+                     f"{r['dist1']:.3f} | {r['len']:.1f} | {r['self_bleu']:.3f} | {r['seq_per_s']:.1f} | "
+                     f"{r['speedup_vs_ancestral']:.0f}x |")
+    for b in record["baselines"]:
+        s = b["scores"]
+        name = (b["name"] + (f" ({b['output']!r})" if b["output"] is not None else "")).replace("|", "\\|")
+        lines.append(f"| {name} | - | {s['bleu']:.4f} | {s['bleu_diffuseq']:.4f} | {s['rouge_l']:.4f} | "
+                     f"{s['dist1']:.3f} | {s['len']:.1f} | - | - | - |")
+    lines += ["", TABLE_NOTE + f"; baselines on the same {len(eval_pairs)} sources."] + [""] * bool(warnings) + warnings
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

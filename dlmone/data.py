@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import os
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ __all__ = [
     "decode_targets",
     "decode_sources",
     "Seq2SeqData",
+    "read_sources",
+    "read_lines",
+    "read_generations",
 ]
 
 #: One example: (source text, target text).
@@ -284,6 +288,167 @@ class Seq2SeqData:
             except TypeError as error:
                 raise TypeError(f"{name}: {error}") from None
         return cls(**checked)
+
+
+# ------------------------------------------------- generation inputs (CLI files)
+def _input_lines(path: PathLike) -> tuple[str, list[bytes]]:
+    """(name for messages, raw lines) of a file, a ``.gz`` file, or ``-`` (stdin)."""
+    if str(path) == "-":
+        return "<stdin>", sys.stdin.buffer.read().splitlines()
+    path = Path(path)
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(f"{path}: corrupt gzip data: {error}") from None
+    return str(path), data.splitlines()
+
+
+def _decode_line(raw: bytes, name: str, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name}:{line_number}: not UTF-8 ({error.reason} at byte {error.start})") from None
+
+
+def _text_lines(name: str, raws: list[bytes]) -> list[str]:
+    """Stripped lines; blank lines at the end are dropped, elsewhere they are an
+    error (they would shift every later line against a line-aligned file)."""
+    while raws and not raws[-1].strip():
+        raws = raws[:-1]
+    lines = []
+    for line_number, raw in enumerate(raws, start=1):
+        text = _decode_line(raw, name, line_number).strip()
+        if not text:
+            raise ValueError(f"{name}:{line_number}: empty line (one text a line; remove blank lines)")
+        lines.append(text)
+    if not lines:
+        raise ValueError(f"{name}: no lines")
+    return lines
+
+
+def _source_record(text: str) -> dict | None:
+    """The JSON object of a jsonl source line, or None when the line is not one."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "src" in record else None
+
+
+def _jsonl_sources(name: str, raws: list[bytes]) -> tuple[list[str], list[str] | None]:
+    sources: list[str] = []
+    targets: list[str] = []
+    first_without_trg = first_with_trg = 0
+    for line_number, raw in enumerate(raws, start=1):
+        if not raw.strip():
+            continue
+        text = _decode_line(raw, name, line_number)
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}:{line_number}: not JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{name}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        if "src" not in record:
+            raise ValueError(f"{name}:{line_number}: missing key 'src' (keys: {sorted(record)})")
+        for key in ("src", "trg"):
+            if key in record and not isinstance(record[key], str):
+                raise ValueError(f"{name}:{line_number}: {key!r} is {type(record[key]).__name__}, "
+                                 "expected a string")
+        sources.append(record["src"].strip())
+        if "trg" in record:
+            targets.append(record["trg"].strip())
+            first_with_trg = first_with_trg or line_number
+        else:
+            first_without_trg = first_without_trg or line_number
+        if first_with_trg and first_without_trg:
+            raise ValueError(f"{name}:{max(first_with_trg, first_without_trg)}: line {first_with_trg} has a "
+                             f"'trg' and line {first_without_trg} has none; give a reference for every "
+                             "source or for none")
+    if not sources:
+        raise ValueError(f"{name}: no sources")
+    return sources, (targets if targets else None)
+
+
+def read_sources(path: PathLike) -> tuple[list[str], list[str] | None]:
+    """The sources to generate for, and their references when the file has them.
+
+    ``path`` is a file (``.gz`` read transparently) or ``-`` for standard input, either
+    plain text (one source a line) or jsonl (one ``{"src": ..., "trg": ...}`` object a
+    line, ``trg`` optional but then on every line). ``*.jsonl`` names are jsonl,
+    ``*.txt`` names plain text; otherwise the first non-blank line decides: a JSON
+    object with a ``"src"`` key makes the file jsonl. Texts are stripped.
+
+    Returns:
+        ``(sources, references)``; ``references`` is None when the file has none.
+
+    Raises:
+        ValueError: ``"<file>:<line>: <what is wrong>"`` for a bad line (not UTF-8, not
+            a JSON object with a string ``src``, a blank line inside a text file), or no
+            sources at all.
+    """
+    name, raws = _input_lines(path)
+    stem = name[:-3] if name.endswith(".gz") else name
+    if stem.endswith(".jsonl"):
+        return _jsonl_sources(name, raws)
+    if not stem.endswith(".txt"):
+        first = next(((n, raw) for n, raw in enumerate(raws, start=1) if raw.strip()), None)
+        if first is not None and _source_record(_decode_line(first[1], name, first[0])) is not None:
+            return _jsonl_sources(name, raws)
+    return _text_lines(name, raws), None
+
+
+def read_lines(path: PathLike) -> list[str]:
+    """The stripped lines of a plain-text file (or ``-``, stdin), e.g. references
+    line-aligned with a generation file; a blank line before the end is a ValueError
+    naming it."""
+    return _text_lines(*_input_lines(path))
+
+
+def read_generations(path: PathLike) -> tuple[str, list[tuple[int, dict]]]:
+    """The rows of a generation file (``dlmone generate``'s or DiffuSeq's jsonl), or of
+    ``-`` (stdin): objects with a string ``recover``, optional string ``reference`` and
+    ``source``, optional list of strings ``candidates``; other keys are ignored.
+    Blank lines are skipped.
+
+    Returns:
+        ``(name, rows)``: the file's name for messages (``<stdin>`` for ``-``) and
+        ``(line number, row)`` pairs.
+
+    Raises:
+        ValueError: ``"<file>:<line>: not a generation row (...)"``, or no rows.
+    """
+    name, raws = _input_lines(path)
+    rows = []
+    for line_number, raw in enumerate(raws, start=1):
+        if not raw.strip():
+            continue
+        text = _decode_line(raw, name, line_number)
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}:{line_number}: not a generation row (not JSON: {error.msg} "
+                             f"at column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{name}:{line_number}: not a generation row (a JSON "
+                             f"{type(row).__name__}, not an object)")
+        if not isinstance(row.get("recover"), str):
+            raise ValueError(f"{name}:{line_number}: not a generation row (no string 'recover'; "
+                             f"keys: {sorted(row)})")
+        for key in ("reference", "source"):
+            if key in row and not isinstance(row[key], str):
+                raise ValueError(f"{name}:{line_number}: not a generation row ({key!r} is "
+                                 f"{type(row[key]).__name__}, expected a string)")
+        cands = row.get("candidates")
+        if cands is not None and (not isinstance(cands, list) or not all(isinstance(c, str) for c in cands)):
+            raise ValueError(f"{name}:{line_number}: not a generation row ('candidates' must be a "
+                             "list of strings)")
+        rows.append((line_number, row))
+    if not rows:
+        raise ValueError(f"{name}: empty (no generation rows)")
+    return name, rows
 
 
 # --------------------------------------------------------------------- layout

@@ -49,11 +49,21 @@ class SequenceModel:
 
     def _generate(self, sources: Sequence[str], sample: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
                   num_candidates: int, seed: int, batch_size: int, return_ids: bool,
-                  return_candidates: bool, comm: Optional[LocalComm]) -> Any:
+                  return_candidates: bool, comm: Optional[LocalComm], precision: Optional[str] = None) -> Any:
         """Batched generation of S candidates per source (``sample(x_src, mask, seed)`` -> x0),
         decoding, and the MBR choice when S > 1. With a communicator of K ranks the
         (candidate, batch) pairs are dealt round robin to the ranks and the token ids
-        gathered: every rank returns the whole, single-process result."""
+        gathered: every rank returns the whole, single-process result. ``precision``
+        ("float32" or "bf16" on AMX) applies to this call only (None: the model's
+        ``inference_precision``)."""
+        if precision is not None:
+            before = self.model.inference_precision
+            self.model.inference_precision = precision  # raises where AMX-BF16 is missing
+            try:
+                return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
+                                      return_candidates, comm)
+            finally:
+                self.model.inference_precision = before
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         if batch_size < 1:
@@ -135,6 +145,11 @@ class SequenceModel:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"{type(self).__name__}(params={self.model.num_parameters():,}, V={c.vocab_size}, "
-                f"E={c.emb_dim}, H={c.hidden_dim}, layers={c.num_layers}, L={c.seq_len}, "
-                f"T={c.diffusion_steps})")
+        config = self.info.get("teacher_config")
+        vocab_file = config.get("vocab_file") if isinstance(config, dict) else None
+        vocabulary = f"{self.tokenizer.vocab_size} WordPiece tokens, lower-cased" + (
+            f", from {Path(vocab_file).name}" if vocab_file else "")
+        return (f"{type(self).__name__}(params={self.model.num_parameters():,}, layers={c.num_layers}, "
+                f"hidden={c.hidden_dim}, emb={c.emb_dim}, heads={c.num_heads}, vocab={c.vocab_size}, "
+                f"seq_len={c.seq_len}, T={c.diffusion_steps}, vocabulary='{vocabulary}', "
+                f"precision={self.model.inference_precision})")

@@ -4,11 +4,18 @@ Inputs are plain strings without special tokens (as :func:`dlmone.data.decode_ta
 returns them) and are split on whitespace. The definitions follow DiffuSeq's
 ``eval_seq2seq.py``:
 
-* BLEU: nltk ``sentence_bleu`` against the one reference, uniform 4-gram weights,
-  smoothing ``method4``, averaged over sentences.
+* BLEU: nltk ``sentence_bleu`` with the one reference, uniform 4-gram weights,
+  smoothing ``method4``, averaged over sentences, in two orientations (SPEC §7):
+  ``"standard"`` scores the generated text as nltk's hypothesis against the gold
+  reference; ``"diffuseq"`` swaps them as DiffuSeq's script does
+  (``sentence_bleu([recover.split()], reference.split())``), the orientation of the
+  DiffuSeq and DLM-One papers' figures. :func:`evaluate` reports ``bleu`` (standard)
+  and ``bleu_diffuseq`` and says so in ``bleu_protocol``.
+* sacreBLEU: corpus BLEU of ``sacrebleu`` (default 13a tokenisation, 0-100 scale)
+  with its signature string, for comparison with MT-style reporting.
 * ROUGE-L: F-measure of ``rouge_score``'s ``rougeL`` (no stemming; it lower-cases
-  and keeps alphanumeric tokens, like the torchmetrics scorer DiffuSeq used),
-  averaged over sentences.
+  and keeps alphanumeric tokens exactly as the torchmetrics ``ROUGEScore`` DiffuSeq
+  used; a test checks the two agree on real sentences), averaged over sentences.
 * Dist-1: unique / total unigrams of a sentence, averaged (an empty sentence
   scores 0; DiffuSeq returned 0 for the whole set when any sentence was empty).
 * Len: mean number of whitespace-separated words (DiffuSeq split on ``' '``,
@@ -16,7 +23,9 @@ returns them) and are split on whitespace. The definitions follow DiffuSeq's
 * Over the S candidates of each input: self-BLEU (mean BLEU of candidate i
   against candidate j over pairs i < j) and div-4 (unique / total 4-grams pooled
   over the candidates), each averaged over inputs; MBR picks the candidate with
-  the largest summed BLEU against the others.
+  the largest summed BLEU against the others. Both take the BLEU orientation too:
+  DiffuSeq's ``diversityOfSet`` and ``selectBest`` call ``get_bleu(c_i, c_j)``,
+  i.e. the ``"diffuseq"`` orientation of ``sentence_bleu(c_i, c_j)``.
 
 :func:`repeated_token_rate` and :func:`empty_rate` are not paper metrics: they
 watch for degenerate output (repetition, empty sequences) during training.
@@ -26,17 +35,23 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from nltk.translate.bleu_score import SmoothingFunction
 from nltk.translate.bleu_score import sentence_bleu as _nltk_sentence_bleu
 from rouge_score.rouge_scorer import RougeScorer
+from sacrebleu.metrics import BLEU as _SacreBLEU
 
 __all__ = [
     "DIFFUSEQ_BERTSCORE_MODEL",
+    "BLEU_ORIENTATIONS",
+    "BLEU_PROTOCOL",
     "sentence_bleu",
     "bleu",
+    "sacrebleu_corpus",
     "rouge_l",
     "dist1",
     "mean_length",
@@ -51,6 +66,16 @@ __all__ = [
 
 #: The BERTScore model of DiffuSeq's evaluation script.
 DIFFUSEQ_BERTSCORE_MODEL = "microsoft/deberta-xlarge-mnli"
+
+#: ``"standard"``: nltk's hypothesis is the generated text; ``"diffuseq"``: it is the
+#: gold reference (DiffuSeq's eval_seq2seq.py).
+BLEU_ORIENTATIONS = ("standard", "diffuseq")
+#: What the ``bleu`` columns mean; every metrics dict, JSON and table carries it.
+BLEU_PROTOCOL = (
+    "bleu = mean nltk sentence_bleu([reference], generated), 4-gram, smoothing method4 "
+    "(standard orientation); bleu_diffuseq = the same with generated and reference swapped, "
+    "as DiffuSeq's eval_seq2seq.py (the orientation of the DiffuSeq/DLM-One papers' figures)"
+)
 
 _BLEU_WEIGHTS = (0.25, 0.25, 0.25, 0.25)
 _SMOOTHING = SmoothingFunction().method4
@@ -100,9 +125,17 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------------- BLEU
-def _bleu_of_words(hypothesis: list[str], reference: list[str]) -> float:
+def _check_orientation(orientation: str) -> str:
+    if orientation not in BLEU_ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {BLEU_ORIENTATIONS}, got {orientation!r}")
+    return orientation
+
+
+def _bleu_of_words(hypothesis: list[str], reference: list[str], orientation: str = "standard") -> float:
     # nltk returns 0 (no error, no warning) when no unigram matches, which
     # covers empty hypotheses and empty references.
+    if orientation == "diffuseq":
+        hypothesis, reference = reference, hypothesis
     return float(
         _nltk_sentence_bleu(
             [reference], hypothesis, weights=_BLEU_WEIGHTS, smoothing_function=_SMOOTHING
@@ -110,24 +143,36 @@ def _bleu_of_words(hypothesis: list[str], reference: list[str]) -> float:
     )
 
 
-def sentence_bleu(hypothesis: str, reference: str) -> float:
-    """Sentence BLEU of ``hypothesis`` against ``reference`` (DiffuSeq's ``get_bleu``).
+def sentence_bleu(hypothesis: str, reference: str, orientation: str = "standard") -> float:
+    """Sentence BLEU of ``hypothesis`` (generated) with ``reference`` (gold).
 
     4-gram uniform weights with nltk's smoothing ``method4``; 0.0 when the
-    hypothesis (or reference) is empty.
+    hypothesis (or reference) is empty. ``orientation="standard"`` passes
+    ``reference`` as nltk's reference; ``"diffuseq"`` swaps the two as DiffuSeq's
+    ``get_bleu(recover, reference)`` does.
     """
     if not isinstance(hypothesis, str) or not isinstance(reference, str):
         raise TypeError(
             "hypothesis and reference must be str, got "
             f"{type(hypothesis).__name__} and {type(reference).__name__}"
         )
-    return _bleu_of_words(hypothesis.split(), reference.split())
+    return _bleu_of_words(hypothesis.split(), reference.split(), _check_orientation(orientation))
 
 
-def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
+def bleu(hyps: Sequence[str], refs: Sequence[str], orientation: str = "standard") -> float:
     """Mean :func:`sentence_bleu` over aligned hypothesis/reference lists."""
     hyps, refs = _check_pairs(hyps, refs)
-    return _mean([_bleu_of_words(h.split(), r.split()) for h, r in zip(hyps, refs)])
+    _check_orientation(orientation)
+    return _mean([_bleu_of_words(h.split(), r.split(), orientation) for h, r in zip(hyps, refs)])
+
+
+def sacrebleu_corpus(hyps: Sequence[str], refs: Sequence[str]) -> tuple[float, str]:
+    """sacreBLEU corpus BLEU (0-100, default settings: 13a tokenisation, exp smoothing,
+    case-sensitive) of ``hyps`` with one reference each, and its signature string."""
+    hyps, refs = _check_pairs(hyps, refs)
+    metric = _SacreBLEU()
+    score = metric.corpus_score(hyps, [refs])
+    return float(score.score), str(metric.get_signature())
 
 
 # ------------------------------------------------------------------- ROUGE-L
@@ -164,19 +209,20 @@ def mean_length(hyps: Sequence[str]) -> float:
     return _mean([len(h.split()) for h in hyps])
 
 
-def self_bleu(candidates: Sequence[Sequence[str]]) -> float:
+def self_bleu(candidates: Sequence[Sequence[str]], orientation: str = "standard") -> float:
     """Mean pairwise BLEU among each input's candidates, averaged over inputs.
 
     For the S >= 2 candidates of an input, the mean of
-    ``sentence_bleu(c_i, c_j)`` over i < j (DiffuSeq's ``selfBleu``). Lower is
-    more diverse.
+    ``sentence_bleu(c_i, c_j, orientation)`` over i < j (with ``"diffuseq"``:
+    DiffuSeq's ``diversityOfSet``). Lower is more diverse.
     """
     groups = _check_candidates(candidates, minimum=2)
+    _check_orientation(orientation)
     scores = []
     for group in groups:
         words = [c.split() for c in group]
         pair_scores = [
-            _bleu_of_words(words[i], words[j])
+            _bleu_of_words(words[i], words[j], orientation)
             for i in range(len(words))
             for j in range(i + 1, len(words))
         ]
@@ -196,19 +242,21 @@ def div4(candidates: Sequence[Sequence[str]]) -> float:
     )
 
 
-def mbr_select(candidates: Sequence[Sequence[str]]) -> list[str]:
+def mbr_select(candidates: Sequence[Sequence[str]], orientation: str = "standard") -> list[str]:
     """Minimum-Bayes-risk choice among each input's candidates (SPEC §5).
 
     For each input, the candidate with the largest sum of
-    ``sentence_bleu(candidate, other)`` over the other candidates; ties go to
-    the earliest candidate (DiffuSeq's ``selectBest``).
+    ``sentence_bleu(candidate, other, orientation)`` over the other candidates;
+    ties go to the earliest candidate (with ``"diffuseq"``: DiffuSeq's ``selectBest``).
     """
     groups = _check_candidates(candidates, minimum=1)
+    _check_orientation(orientation)
     selected = []
     for group in groups:
         words = [c.split() for c in group]
         totals = [
-            math.fsum(_bleu_of_words(words[i], words[j]) for j in range(len(words)) if j != i)
+            math.fsum(_bleu_of_words(words[i], words[j], orientation)
+                      for j in range(len(words)) if j != i)
             for i in range(len(words))
         ]
         selected.append(group[int(np.argmax(totals))])
@@ -216,25 +264,60 @@ def mbr_select(candidates: Sequence[Sequence[str]]) -> list[str]:
 
 
 # ----------------------------------------------------------------- BERTScore
-def bertscore(hyps: Sequence[str], refs: Sequence[str], model_type: str | None = None) -> float:
-    """Mean BERTScore F1 (needs the optional ``bert-score`` package and a model).
+def _bertscore_layers(model_dir: Path, model2layers: dict[str, int]) -> int:
+    """bert-score's default layer for a folder named like one of its models
+    (``.../deberta-xlarge-mnli`` -> 40, the layer DiffuSeq's score used)."""
+    by_name = {name.split("/")[-1]: layers for name, layers in model2layers.items()}
+    if model_dir.name not in by_name:
+        raise ValueError(
+            f"bertscore: no default layer for a model folder named {model_dir.name!r}; "
+            "pass num_layers (bert-score uses 40 for microsoft/deberta-xlarge-mnli)"
+        )
+    return by_name[model_dir.name]
+
+
+def bertscore(
+    hyps: Sequence[str],
+    refs: Sequence[str],
+    model_dir: str | os.PathLike,
+    num_layers: int | None = None,
+    batch_size: int = 64,
+) -> float:
+    """Mean BERTScore F1 with a model read from a local folder (no network).
+
+    Needs the optional ``bert-score`` package (``pip install dlmone[bertscore]``).
+    DiffuSeq scored with :data:`DIFFUSEQ_BERTSCORE_MODEL`; fetch it once on a
+    machine with network (``huggingface-cli download microsoft/deberta-xlarge-mnli
+    --local-dir models/deberta-xlarge-mnli``) and pass that folder.
 
     Args:
-        model_type: a ``bert_score`` model name; None uses DiffuSeq's
-            :data:`DIFFUSEQ_BERTSCORE_MODEL`.
+        model_dir: a Hugging Face model folder (``config.json``, weights, tokenizer files).
+        num_layers: the layer whose embeddings are matched; None takes bert-score's
+            default for the model the folder is named after.
 
     Raises:
+        FileNotFoundError: ``model_dir`` is not a folder with a ``config.json``.
         ImportError: ``bert-score`` is not installed.
     """
     hyps, refs = _check_pairs(hyps, refs)
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"bertscore: {folder} is not a model folder (no config.json). BERTScore runs "
+            "offline from a local copy: on a machine with network run `huggingface-cli download "
+            f"{DIFFUSEQ_BERTSCORE_MODEL} --local-dir DIR` and pass DIR"
+        )
     try:
         import bert_score
     except ImportError as error:
         raise ImportError(
             "bertscore needs the bert-score package: pip install dlmone[bertscore]"
         ) from error
+    if num_layers is None:
+        num_layers = _bertscore_layers(folder, bert_score.utils.model2layers)
     _, _, f1 = bert_score.score(
-        hyps, refs, model_type=model_type or DIFFUSEQ_BERTSCORE_MODEL, lang="en", verbose=False
+        hyps, refs, model_type=str(folder), num_layers=num_layers, batch_size=batch_size,
+        verbose=False,
     )
     return float(f1.mean())
 
@@ -244,27 +327,36 @@ def evaluate(
     hyps: Sequence[str],
     refs: Sequence[str],
     candidates: Sequence[Sequence[str]] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """The SPEC §7 metrics of ``hyps`` against ``refs``.
 
     Returns:
-        ``bleu``, ``rouge_l``, ``dist1`` and ``len``; with ``candidates`` (the
-        S >= 2 samples of each input, one group per hypothesis) also
-        ``self_bleu`` and ``div4``.
+        ``bleu`` (standard orientation), ``bleu_diffuseq`` (DiffuSeq's script),
+        ``rouge_l``, ``dist1``, ``len``, ``sacrebleu`` (corpus, 0-100); with
+        ``candidates`` (the S >= 2 samples of each input, one group per hypothesis)
+        also ``self_bleu``, ``self_bleu_diffuseq`` and ``div4``; and two strings
+        that say what was computed: ``bleu_protocol`` (:data:`BLEU_PROTOCOL`) and
+        ``sacrebleu_signature``.
     """
     hyps, refs = _check_pairs(hyps, refs)
-    scores = {
+    sacre, signature = sacrebleu_corpus(hyps, refs)
+    scores: dict[str, float | str] = {
         "bleu": bleu(hyps, refs),
+        "bleu_diffuseq": bleu(hyps, refs, "diffuseq"),
         "rouge_l": rouge_l(hyps, refs),
         "dist1": dist1(hyps),
         "len": mean_length(hyps),
+        "sacrebleu": sacre,
     }
     if candidates is not None:
         groups = _check_candidates(candidates, minimum=2)
         if len(groups) != len(hyps):
             raise ValueError(f"{len(groups)} candidate groups but {len(hyps)} hyps")
         scores["self_bleu"] = self_bleu(groups)
+        scores["self_bleu_diffuseq"] = self_bleu(groups, "diffuseq")
         scores["div4"] = div4(groups)
+    scores["bleu_protocol"] = BLEU_PROTOCOL
+    scores["sacrebleu_signature"] = signature
     return scores
 
 

@@ -1,14 +1,18 @@
 """The ``dlmone`` command line, called in-process through ``dlmone.cli.main``:
 info, train-teacher (JSON/TOML configs, --set overrides, resume/restart), generate
-(DDIM, candidates), evaluate (metrics file, --mbr, malformed input) and the error
-exits; plus ``python -m dlmone --help`` in a subprocess. ``demo`` is too slow for a
-unit test and is not run here."""
+(DDIM, candidates, --input text/jsonl/stdin, --out -), evaluate (metrics file, stdin,
+--refs, --mbr, --baselines, BERTScore errors, malformed input) and the error exits;
+plus, in subprocesses, ``python -m dlmone --help`` and the pipe
+``cat sources | dlmone generate --input - --out - | dlmone evaluate - --refs refs``.
+``demo`` is too slow for a unit test and is not run here."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -223,8 +227,9 @@ def test_generate_writes_rows(env, gen_files, tmp_path, capsys):
     assert main(["generate", "--model", env["teacher"], "--data", env["data"], "--method", "ddim",
                  "--steps", "3", "--limit", "10", "--out", str(again)]) == 0
     assert again.read_text() == plain.read_text()
-    out = capsys.readouterr().out
-    assert "10 sequences in" in out and "bleu=" in out and "rouge_l=" in out
+    captured = capsys.readouterr()  # messages go to stderr, stdout stays clean
+    assert captured.out == ""
+    assert "10 sequences in" in captured.err and "bleu=" in captured.err and "rouge_l=" in captured.err
 
 
 def test_generate_bf16(env, gen_files, tmp_path):
@@ -270,8 +275,11 @@ def test_evaluate_writes_metrics(gen_files, capsys):
     metrics_path = plain.with_suffix(".metrics.json")
     assert metrics_path.name == "gen.metrics.json"
     m = json.loads(metrics_path.read_text())
-    assert set(m) == {"bleu", "rouge_l", "dist1", "len", "n"} and m["n"] == 10
-    assert 0.0 <= m["bleu"] <= 1.0 and 0.0 <= m["rouge_l"] <= 1.0
+    assert set(m) == {"bleu", "bleu_diffuseq", "rouge_l", "dist1", "len", "sacrebleu", "bleu_protocol",
+                      "sacrebleu_signature", "n"} and m["n"] == 10
+    assert 0.0 <= m["bleu"] <= 1.0 and 0.0 <= m["rouge_l"] <= 1.0 and 0.0 <= m["sacrebleu"] <= 100.0
+    assert m["bleu_protocol"] == dlmone.metrics.BLEU_PROTOCOL
+    assert m["sacrebleu_signature"].startswith("nrefs:1|")
     assert json.loads(capsys.readouterr().out) == m
 
 
@@ -285,18 +293,33 @@ def test_evaluate_with_candidates_and_mbr(gen_files, tmp_path):
     assert {"bleu", "self_bleu", "div4"} <= set(json.loads((tmp_path / "mbr.json").read_text()))
 
 
-def test_evaluate_mbr_without_candidates_exits(gen_files):
+def test_evaluate_mbr_without_candidates_exits(gen_files, capsys):
     plain, _ = gen_files
-    with pytest.raises(SystemExit, match="--mbr needs rows with 'candidates'"):
-        main(["evaluate", "--mbr", str(plain), "--out", str(plain.parent / "x.json")])
+    assert main(["evaluate", "--mbr", str(plain), "--out", str(plain.parent / "x.json")]) == 2
+    assert "--mbr needs rows with 'candidates'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad_line", ['{"recover": "a"', '{"recover": "a"}', '[1, 2]', "null"])
-def test_evaluate_malformed_line_names_it(tmp_path, bad_line):
+def test_evaluate_mbr_orientations(tmp_path):
+    rows = [{"source": "s", "reference": "c b c f c d e", "recover": "c c",
+             "candidates": ["d e a", "c c", "c b c f c d e"]}]
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps(rows[0]) + "\n")
+    assert main(["evaluate", "--mbr", str(f), "--out", str(tmp_path / "std.json")]) == 0
+    assert main(["evaluate", "--mbr", "--mbr-orientation", "diffuseq", str(f),
+                 "--out", str(tmp_path / "ds.json")]) == 0
+    std, ds = (json.loads((tmp_path / n).read_text()) for n in ("std.json", "ds.json"))
+    # the standard choice is the reference itself, DiffuSeq's selectBest picks another
+    assert std["bleu"] == 1.0 and ds["bleu"] < 1.0
+    assert (std["mbr_orientation"], ds["mbr_orientation"]) == ("standard", "diffuseq")
+
+
+@pytest.mark.parametrize("bad_line", ['{"recover": "a"', '{"reference": "a"}', '[1, 2]', "null",
+                                      '{"recover": 3}', '{"recover": "a", "candidates": "a"}'])
+def test_evaluate_malformed_line_names_it(tmp_path, bad_line, capsys):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"recover": "a b", "reference": "a b"}\n\n' + bad_line + "\n")
-    with pytest.raises(SystemExit, match=r"bad\.jsonl:3: not a generation row"):
-        main(["evaluate", str(f)])
+    assert main(["evaluate", str(f)]) == 2
+    assert "bad.jsonl:3: not a generation row" in capsys.readouterr().err
     assert not (tmp_path / "bad.metrics.json").exists()
 
 
@@ -306,3 +329,207 @@ def test_evaluate_empty_or_missing_file(tmp_path, capsys):
     assert main(["evaluate", str(f)]) == 2
     assert "empty" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing.jsonl")]) == 2
+
+
+# ------------------------------------------------------- the researcher's own files
+def _test_pairs(env, n):
+    return [json.loads(line) for line in open(env["data"] + "/test.jsonl")][:n]
+
+
+@pytest.fixture(scope="module")
+def own_files(env):
+    """Sources as plain text, as jsonl with and without 'trg', and references as text."""
+    root = env["root"]
+    pairs = _test_pairs(env, 6)
+    files = {"txt": root / "sources.txt", "jsonl": root / "pairs.jsonl", "src_only": root / "src_only.jsonl",
+             "noext": root / "pairs_noext", "refs": root / "refs.txt"}
+    files["txt"].write_text("".join(p["src"] + "\n" for p in pairs))
+    files["jsonl"].write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    files["src_only"].write_text("".join(json.dumps({"src": p["src"]}) + "\n" for p in pairs))
+    files["noext"].write_text(files["jsonl"].read_text())
+    files["refs"].write_text("".join(p["trg"] + "\n" for p in pairs))
+    return files
+
+
+GEN = ["--quiet", "generate", "--method", "ddim", "--steps", "3"]
+
+
+def test_generate_from_input_files_matches_data_path(env, own_files, gen_files, tmp_path):
+    """--input reads plain text, jsonl (by extension or content) and gives the rows that
+    --data gives for the same pairs; without references the rows have none."""
+    plain, _ = gen_files
+    want = _rows(plain)[:6]
+    for key in ("jsonl", "noext"):
+        out = tmp_path / f"{key}.jsonl"
+        assert main(GEN + ["--model", env["teacher"], "--input", str(own_files[key]), "--out", str(out)]) == 0
+        assert _rows(out) == want
+    for key in ("txt", "src_only"):
+        out = tmp_path / f"{key}.jsonl"
+        assert main(GEN + ["--model", env["teacher"], "--input", str(own_files[key]), "--out", str(out)]) == 0
+        assert _rows(out) == [{"source": r["source"], "recover": r["recover"]} for r in want]
+
+
+def test_generate_out_dash_writes_only_jsonl_to_stdout(env, own_files, gen_files, capsys, monkeypatch):
+    import io
+
+    plain, _ = gen_files
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(own_files["jsonl"].read_bytes())))
+    assert main(["generate", "--method", "ddim", "--steps", "3", "--model", env["teacher"],
+                 "--input", "-", "--out", "-"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line) for line in captured.out.splitlines()] == _rows(plain)[:6]
+    assert "6 sequences in" in captured.err and "-> stdout" in captured.err
+
+
+def test_generate_input_errors(env, own_files, tmp_path, capsys):
+    out = str(tmp_path / "g.jsonl")
+    base = GEN + ["--model", env["teacher"], "--out", out]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"src": "a b", "trg": "c"}\n{"src": "a b"}\n')
+    assert main(base + ["--input", str(bad)]) == 2
+    assert "bad.jsonl:2: line 1 has a 'trg' and line 2 has none" in capsys.readouterr().err
+    bad.write_text('{"src": "a b"}\n{"src": 3}\n')
+    assert main(base + ["--input", str(bad)]) == 2
+    assert "bad.jsonl:2: 'src' is int" in capsys.readouterr().err
+    gap = tmp_path / "gap.txt"
+    gap.write_text("first source\n\nthird source\n")
+    assert main(base + ["--input", str(gap)]) == 2
+    assert "gap.txt:2: empty line" in capsys.readouterr().err
+    assert main(base + ["--input", str(own_files["txt"]), "--split", "valid"]) == 2
+    assert "--split goes with --data" in capsys.readouterr().err
+    assert main(base + ["--input", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert not Path(out).exists()
+    with pytest.raises(SystemExit):  # --data and --input together: a usage error
+        main(base + ["--input", str(own_files["txt"]), "--data", env["data"]])
+
+
+def test_evaluate_refs_file_and_stdin(gen_files, own_files, tmp_path, capsys, monkeypatch):
+    """--refs replaces the rows' references; '-' reads the rows from stdin and writes no
+    metrics file unless --out."""
+    import io
+
+    plain, _ = gen_files
+    rows = _rows(plain)[:6]
+    no_refs = tmp_path / "noref.jsonl"
+    no_refs.write_text("".join(json.dumps({"source": r["source"], "recover": r["recover"]}) + "\n" for r in rows))
+    assert main(["evaluate", str(no_refs)]) == 2
+    assert "noref.jsonl:1: no 'reference' in the row; give the references with --refs" in capsys.readouterr().err
+    assert main(["evaluate", str(no_refs), "--refs", str(own_files["refs"])]) == 0
+    with_refs = json.loads(capsys.readouterr().out)
+    raw_refs = own_files["refs"].read_text().splitlines()
+    assert with_refs["bleu"] == pytest.approx(dlmone.metrics.bleu([r["recover"] for r in rows], raw_refs))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(no_refs.read_bytes())))
+    assert main(["evaluate", "-", "--refs", str(own_files["refs"])]) == 0
+    assert json.loads(capsys.readouterr().out) == with_refs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noref.jsonl", "noref.metrics.json"]
+    short = tmp_path / "short.txt"
+    short.write_text("one\ntwo\n")
+    assert main(["evaluate", str(no_refs), "--refs", str(short)]) == 2
+    assert "has 2 lines but" in capsys.readouterr().err
+
+
+def test_evaluate_strips_diffuseq_special_tokens(tmp_path):
+    f = tmp_path / "ds.jsonl"
+    f.write_text(json.dumps({"source": "[CLS] a b [SEP]", "reference": "[CLS] how can i learn python quickly ? [SEP]",
+                             "recover": "[CLS] how can i learn python quickly ? [SEP] [PAD] [PAD]"}) + "\n")
+    assert main(["evaluate", str(f), "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["bleu"] == pytest.approx(1.0)
+
+
+def test_evaluate_baselines(env, gen_files, tmp_path, capsys):
+    """--baselines DIR: copy-the-source and the constants on the file's sources, with the
+    model's tokenizer when --model is given; a warning when the model loses to the constant."""
+    from dlmone.baselines import constant_strings, tokenizer_protocol
+    from dlmone.data import load_split
+
+    plain, _ = gen_files
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(plain), "--baselines", env["data"], "--model", env["teacher"],
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    m = json.loads(out.read_text())
+    names = [b["name"] for b in m["baselines"]]
+    assert names == ["baseline: copy the source", "baseline: most frequent train target",
+                     "baseline: best of 10 frequent targets on valid"]
+    teacher = dlmone.load(env["teacher"])
+    to_protocol = tokenizer_protocol(teacher.tokenizer, teacher.config.seq_len)
+    rows = _rows(plain)
+    sources, refs = [r["source"] for r in rows], [r["reference"] for r in rows]
+    constants = constant_strings(load_split(env["data"], "train"), load_split(env["data"], "valid"), 10, to_protocol)
+    assert [b["output"] for b in m["baselines"][1:]] == list(constants.values())
+    assert m["baselines"][0]["scores"]["bleu"] == pytest.approx(
+        dlmone.metrics.bleu(to_protocol(sources, sources), refs))
+    assert "baseline: copy the source" in err and "BLEU-DS" in err
+    # a 6-step teacher has not learnt the task: the warning says so
+    assert m["bleu"] < m["baselines"][2]["scores"]["bleu"]
+    assert "does not beat the constant string" in err
+    # without --model the texts are scored as written
+    assert main(["evaluate", str(plain), "--baselines", env["data"], "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["baseline_texts"] == "as written in the data folder"
+    assert main(["evaluate", str(plain), "--model", env["teacher"], "--out", str(out)]) == 2
+    assert "--model goes with --baselines" in capsys.readouterr().err
+    no_src = tmp_path / "nosrc.jsonl"
+    no_src.write_text(json.dumps({"recover": "a", "reference": "a"}) + "\n")
+    assert main(["evaluate", str(no_src), "--baselines", env["data"]]) == 2
+    assert "nosrc.jsonl:1: no 'source'" in capsys.readouterr().err
+
+
+def test_evaluate_bertscore_without_model_folder_is_a_clear_error(gen_files, tmp_path, capsys):
+    plain, _ = gen_files
+    assert main(["evaluate", str(plain), "--bertscore", str(tmp_path / "deberta-xlarge-mnli"),
+                 "--out", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not a model folder" in err and "huggingface-cli download" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_pipeline_through_pipes(env, own_files, tmp_path):
+    """cat sources | python -m dlmone generate --input - --out - | python -m dlmone evaluate - --refs refs:
+    stdout of generate is clean jsonl, and the scores equal evaluating the same rows in-process."""
+    cmd = (f"set -o pipefail; cat {own_files['txt']} | {sys.executable} -m dlmone --threads 1 generate "
+           f"--model {env['teacher']} --method ddim --steps 3 --input - --out - 2>{tmp_path / 'gen.err'} "
+           f"| tee {tmp_path / 'gen.jsonl'} | {sys.executable} -m dlmone evaluate - --refs {own_files['refs']}")
+    run_env = dict(os.environ, PYTHONPATH=str(Path(dlmone.__file__).parent.parent))
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300, env=run_env)
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)
+    rows = _rows(tmp_path / "gen.jsonl")
+    assert [row["source"] for row in rows] == own_files["txt"].read_text().splitlines()
+    assert all(set(row) == {"source", "recover"} for row in rows)
+    refs = own_files["refs"].read_text().splitlines()
+    want = dlmone.metrics.evaluate([row["recover"] for row in rows], refs)
+    assert {k: scores[k] for k in want} == pytest.approx(want)
+    assert scores["n"] == 6
+    assert "6 sequences in" in (tmp_path / "gen.err").read_text()
+
+
+# ------------------------------------------------------------------ dlmone.load
+def test_loaded_model_repr_and_precision_keyword(env, own_files):
+    import numpy as np
+
+    teacher = dlmone.load(env["teacher"])
+    c = teacher.config
+    text = repr(teacher)
+    assert text == (f"Teacher(params={teacher.model.num_parameters():,}, layers={c.num_layers}, "
+                    f"hidden={c.hidden_dim}, emb={c.emb_dim}, heads={c.num_heads}, vocab={c.vocab_size}, "
+                    f"seq_len={c.seq_len}, T={c.diffusion_steps}, vocabulary='{teacher.tokenizer.vocab_size} "
+                    f"WordPiece tokens, lower-cased', precision=float32)")
+    sources = own_files["txt"].read_text().splitlines()
+    kw = dict(method="ddim", steps=3, return_ids=True)
+    _, ids32 = teacher.generate(sources, **kw)
+    if not dlmone.build_info()["amx_bf16"]:
+        with pytest.raises(RuntimeError, match="AMX-BF16"):
+            teacher.generate(sources, precision="bf16", **kw)
+        return
+    _, ids16 = teacher.generate(sources, precision="bf16", **kw)
+    assert teacher.model.inference_precision == "float32"  # the keyword is for that call only
+    teacher.model.inference_precision = "bf16"
+    assert "precision=bf16" in repr(teacher)
+    _, ids_attr = teacher.generate(sources, **kw)
+    assert np.array_equal(ids16, ids_attr)  # the keyword is the attribute, for one call
+    _, back = teacher.generate(sources, precision="float32", **kw)
+    assert np.array_equal(back, ids32) and teacher.model.inference_precision == "bf16"
+    with pytest.raises(ValueError, match="inference_precision must be one of"):
+        teacher.generate(sources, precision="fp16", **kw)
+    assert teacher.model.inference_precision == "bf16"

@@ -1,7 +1,10 @@
-"""Tests of dlmone.metrics against direct nltk / rouge_score calls and pinned values."""
+"""Tests of dlmone.metrics against direct nltk / rouge_score / sacrebleu calls, DiffuSeq's
+eval_seq2seq.py (its BLEU orientation, selectBest, diversityOfSet), torchmetrics'
+ROUGEScore on real sentences, and pinned values."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -11,6 +14,10 @@ from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
 from rouge_score.rouge_scorer import RougeScorer
 
 from dlmone import metrics
+
+from conftest import SHARED_DATA
+
+QQP = SHARED_DATA / "qqp"
 
 HYP_1 = "how can i learn python quickly ?"
 REF_1 = "what is the best way to learn python quickly ?"
@@ -156,25 +163,142 @@ def test_mbr_select_ties_and_single_candidate():
     assert metrics.mbr_select([["x y z w", "", "x y z w"]]) == ["x y z w"]
 
 
+# -------------------------------------------------- DiffuSeq's orientation
+def diffuseq_get_bleu(recover: str, reference: str) -> float:
+    """DiffuSeq's scripts/eval_seq2seq.py, verbatim: the generated text is nltk's reference."""
+    return nltk_sentence_bleu(
+        [recover.split()], reference.split(), smoothing_function=SmoothingFunction().method4
+    )
+
+
+def diffuseq_select_best(sentences):
+    """DiffuSeq's selectBest."""
+    scores = [[diffuseq_get_bleu(s1, s2) for s2 in sentences] for s1 in sentences]
+    for i in range(len(sentences)):
+        scores[i][i] = 0
+    return sentences[int(np.argmax(np.sum(scores, -1)))]
+
+
+def diffuseq_self_bleu(sentences):
+    """The self-BLEU half of DiffuSeq's diversityOfSet."""
+    return np.mean(
+        [
+            diffuseq_get_bleu(sentences[i], sentences[j])
+            for i in range(len(sentences))
+            for j in range(i + 1, len(sentences))
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "hypothesis, reference",
+    [(HYP_1, REF_1), (HYP_2, REF_2), ("a", "a b c"), ("a b c d e f g", "a b c")],
+)
+def test_diffuseq_orientation_is_diffuseq_get_bleu(hypothesis, reference):
+    assert metrics.sentence_bleu(hypothesis, reference, "diffuseq") == pytest.approx(
+        diffuseq_get_bleu(hypothesis, reference), abs=1e-12
+    )
+    assert metrics.sentence_bleu(hypothesis, reference, "diffuseq") == pytest.approx(
+        metrics.sentence_bleu(reference, hypothesis), abs=1e-12
+    )
+
+
+def test_orientations_differ_and_are_named():
+    # a short output loses to the brevity penalty in the standard orientation only
+    short, long = "the cat", "the cat sat on the mat"
+    assert metrics.sentence_bleu(short, long) < metrics.sentence_bleu(short, long, "diffuseq")
+    assert metrics.bleu([short], [long], "diffuseq") == metrics.sentence_bleu(short, long, "diffuseq")
+    with pytest.raises(ValueError, match="orientation must be one of"):
+        metrics.bleu([short], [long], "nltk")
+    with pytest.raises(ValueError, match="orientation must be one of"):
+        metrics.sentence_bleu(short, long, "reversed")
+
+
+def test_mbr_and_self_bleu_in_diffuseq_orientation_match_its_script():
+    groups = CANDIDATES + [["d e a", "c c", "c b c f c d e"]]
+    assert metrics.mbr_select(groups, "diffuseq") == [diffuseq_select_best(g) for g in groups]
+    expected = np.mean([diffuseq_self_bleu(g) for g in groups])
+    assert metrics.self_bleu(groups, "diffuseq") == pytest.approx(expected, abs=1e-12)
+    # the two orientations choose differently on the third group
+    assert metrics.mbr_select(groups)[2] == "c b c f c d e"
+    assert metrics.mbr_select(groups, "diffuseq")[2] == "d e a"
+
+
+# ------------------------------------------------------------------ sacreBLEU
+def test_sacrebleu_corpus_matches_sacrebleu():
+    import sacrebleu
+
+    hyps, refs = [HYP_1, HYP_2, ""], [REF_1, REF_2, "a b"]
+    score, signature = metrics.sacrebleu_corpus(hyps, refs)
+    assert score == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-12)
+    assert signature == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
+    assert metrics.sacrebleu_corpus([REF_1], [REF_1])[0] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="2 hyps but 1 refs"):
+        metrics.sacrebleu_corpus([HYP_1, HYP_2], [REF_1])
+
+
+# ------------------------------------------- ROUGE-L against DiffuSeq's scorer
+@pytest.mark.skipif(not (QQP / "test.jsonl").is_file(), reason="shared QQP data not found")
+def test_rouge_l_equals_torchmetrics_rougescore_on_qqp():
+    """DiffuSeq's ROUGE-L is torchmetrics' ROUGEScore()(recover, reference)['rougeL_fmeasure'];
+    on real sentences (QQP test: source against target, target against source, and
+    text with capitals and punctuation) dlmone's agrees to float32 rounding."""
+    pytest.importorskip("torch")
+    rouge_module = pytest.importorskip("torchmetrics.text.rouge")
+    # DiffuSeq built ROUGEScore() with all keys; rougeL alone gives the same rougeL and
+    # does not need nltk's punkt data (rougeLsum does)
+    scorer = rouge_module.ROUGEScore(rouge_keys="rougeL")
+    pairs = [json.loads(line) for line in open(QQP / "test.jsonl")][:150]
+    cases = [(p["src"], p["trg"]) for p in pairs] + [(p["trg"], p["src"]) for p in pairs[:50]]
+    cases += [("How do I learn Python, fast?!", "how can I learn PYTHON quickly?"),
+              ("it's 3.5 times cheaper -- isn't it", "Is it 3.5x cheaper?"), ("?", "what ?")]
+    for recover, reference in cases:
+        theirs = float(scorer(recover, reference)["rougeL_fmeasure"])
+        assert metrics.rouge_l([recover], [reference]) == pytest.approx(theirs, abs=1e-6), (
+            recover, reference)
+
+
 # ----------------------------------------------------------------- BERTScore
-def test_bertscore_without_package_says_how_to_install(monkeypatch):
+def test_bertscore_needs_a_local_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model folder.*huggingface-cli download"):
+        metrics.bertscore([HYP_1], [REF_1], tmp_path / "deberta-xlarge-mnli")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        metrics.bertscore([HYP_1], [REF_1], tmp_path)
+
+
+def test_bertscore_without_package_says_how_to_install(monkeypatch, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "bert_score", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install dlmone\[bertscore\]"):
-        metrics.bertscore([HYP_1], [REF_1])
+        metrics.bertscore([HYP_1], [REF_1], tmp_path)
+
+
+def test_bertscore_layer_default_comes_from_the_folder_name(tmp_path):
+    layers = {"microsoft/deberta-xlarge-mnli": 40, "roberta-large": 17}
+    assert metrics._bertscore_layers(tmp_path / "deberta-xlarge-mnli", layers) == 40
+    with pytest.raises(ValueError, match="pass num_layers"):
+        metrics._bertscore_layers(tmp_path / "my-model", layers)
 
 
 # ------------------------------------------------------------------- summary
 def test_evaluate_matches_individual_metrics():
     hyps, refs = [HYP_1, HYP_2], [REF_1, REF_2]
     scores = metrics.evaluate(hyps, refs)
+    sacre, signature = metrics.sacrebleu_corpus(hyps, refs)
     assert scores == {
         "bleu": metrics.bleu(hyps, refs),
+        "bleu_diffuseq": metrics.bleu(hyps, refs, "diffuseq"),
         "rouge_l": metrics.rouge_l(hyps, refs),
         "dist1": metrics.dist1(hyps),
         "len": metrics.mean_length(hyps),
+        "sacrebleu": sacre,
+        "bleu_protocol": metrics.BLEU_PROTOCOL,
+        "sacrebleu_signature": signature,
     }
+    assert "standard orientation" in scores["bleu_protocol"] and "DiffuSeq" in scores["bleu_protocol"]
     with_candidates = metrics.evaluate(hyps, refs, CANDIDATES)
     assert with_candidates["self_bleu"] == metrics.self_bleu(CANDIDATES)
+    assert with_candidates["self_bleu_diffuseq"] == metrics.self_bleu(CANDIDATES, "diffuseq")
     assert with_candidates["div4"] == metrics.div4(CANDIDATES)
 
 
