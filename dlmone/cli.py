@@ -97,7 +97,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         references = decode_targets(ids, mask, model.tokenizer)
     comm = args.comm  # under mpirun the batches are shared out over the ranks
     kw: Dict[str, Any] = dict(seed=args.seed, batch_size=args.batch_size, return_candidates=True,
-                              num_candidates=args.candidates, comm=comm, precision=args.precision)
+                              num_candidates=args.candidates, comm=comm, precision=args.precision,
+                              decode=args.decode)
     if model.kind == "teacher":
         kw.update(steps=args.steps, method=args.method, clamp=not args.no_clamp)
         total = (model.diffusion.T if args.method == "ancestral" else (args.steps or model.diffusion.T))
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="float32", choices=["float32", "bf16"],
                    help="bf16: the network's products in bf16 on Intel AMX (about 2x faster on large "
                         "models; BLEU within 0.005 of float32 in RESULTS.md)")
+    g.add_argument("--decode", default="logits", choices=["logits", "nearest"],
+                   help="tokens from the output embeddings: argmax of the tied logits (SPEC) or the "
+                        "nearest word embedding")
     g.add_argument("--limit", type=int, help="first N examples only")
     g.add_argument("--out", required=True, metavar="FILE|-",
                    help="output jsonl, one {source, reference (when known), recover} a line; '-' "

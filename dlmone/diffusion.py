@@ -79,16 +79,32 @@ class Diffusion:
         return grad_xt * (m * scale + (1.0 - m))
 
 
-def decode_tokens(model: DiffusionTransformer, x: np.ndarray) -> np.ndarray:
-    """argmax of the tied logits x·Wᵀ + b, without materialising [B, L, V]."""
+DECODERS = ("logits", "nearest")
+
+
+def _nearest_offsets(W: np.ndarray) -> np.ndarray:
+    """-½‖W_v‖²: argmax_v x·W_v - ½‖W_v‖² is the word embedding nearest to x (L2)."""
+    return (-0.5 * np.einsum("ve,ve->v", W, W)).astype(np.float32)
+
+
+def decode_tokens(model: DiffusionTransformer, x: np.ndarray, decode: str = "logits") -> np.ndarray:
+    """Token ids of embeddings x [.., E], without materialising [B, L, V]: ``"logits"``, the
+    argmax of the tied logits x·Wᵀ + b (SPEC §5); ``"nearest"``, the nearest word embedding."""
     sd = model.state_dict()
-    return _core.affine_argmax(as_float32(x, "x"), sd["word_embedding.weight"], sd["lm_head.bias"])
+    W = sd["word_embedding.weight"]
+    if decode == "logits":
+        offsets = sd["lm_head.bias"]
+    elif decode == "nearest":
+        offsets = _nearest_offsets(W)
+    else:
+        raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
+    return _core.affine_argmax(as_float32(x, "x"), W, offsets)
 
 
 def clamp_to_embeddings(model: DiffusionTransformer, x0: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Replace x0 on the positions with mask 1 by the nearest word embedding (L2)."""
     W = model.state_dict()["word_embedding.weight"]
-    offsets = (-0.5 * np.einsum("ve,ve->v", W, W)).astype(np.float32)
+    offsets = _nearest_offsets(W)
     active = np.asarray(mask) > 0
     tok = _core.affine_argmax(as_float32(x0, "x0"), W, offsets, np.ascontiguousarray(active))
     out = x0.copy()

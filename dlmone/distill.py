@@ -151,10 +151,12 @@ class Student(SequenceModel):
     def generate(self, sources: Sequence[str], steps: int = 1, seed: int = 0, batch_size: int = 256,
                  num_candidates: int = 1, return_ids: bool = False,
                  return_candidates: bool = False, comm: Optional[LocalComm] = None,
-                 precision: Optional[str] = None) -> Any:
+                 precision: Optional[str] = None, decode: str = "logits") -> Any:
         """One forward pass per batch (or ``steps`` ≤ 8 passes). Same outputs as
         :meth:`Teacher.generate`: strings, optionally ids and the S candidates; ``comm``
-        shares the batches out over MPI ranks; ``precision="bf16"`` as there."""
+        shares the batches out over MPI ranks; ``precision="bf16"`` as there. ``decode``:
+        ``"logits"`` (argmax of the tied logits, SPEC §6.6) or ``"nearest"`` (the nearest
+        word embedding)."""
         if not 1 <= steps <= 8:
             raise ValueError(f"student steps must be in [1, 8], got {steps}")
 
@@ -162,7 +164,7 @@ class Student(SequenceModel):
             return student_sample(self.model, self.diffusion, x_src, mask, self.t_init, steps, batch_seed)
 
         return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
-                              return_candidates, comm, precision)
+                              return_candidates, comm, precision, decode)
 
     @classmethod
     def load(cls, path: PathLike) -> "Student":

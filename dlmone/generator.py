@@ -13,7 +13,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .checkpoint import PathLike
 from .data import decode_targets, encode_pairs
-from .diffusion import Diffusion, decode_tokens, derive_seed
+from .diffusion import DECODERS, Diffusion, decode_tokens, derive_seed
 from .distributed import LocalComm
 from .metrics import mbr_select
 from .model import DiffusionTransformer, ModelConfig
@@ -42,26 +42,30 @@ class SequenceModel:
         ids, mask = encode_pairs([(s, "") for s in sources], self.tokenizer, self.config.seq_len)
         return ids, mask
 
-    def output_ids(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def output_ids(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray, decode: str = "logits") -> np.ndarray:
         """Token ids of generated embeddings x: decoded on the target positions, the
         source's ids elsewhere."""
-        return np.where(mask > 0, decode_tokens(self.model, x), ids)
+        return np.where(mask > 0, decode_tokens(self.model, x, decode), ids)
 
     def _generate(self, sources: Sequence[str], sample: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
                   num_candidates: int, seed: int, batch_size: int, return_ids: bool,
-                  return_candidates: bool, comm: Optional[LocalComm], precision: Optional[str] = None) -> Any:
+                  return_candidates: bool, comm: Optional[LocalComm], precision: Optional[str] = None,
+                  decode: str = "logits") -> Any:
         """Batched generation of S candidates per source (``sample(x_src, mask, seed)`` -> x0),
         decoding, and the MBR choice when S > 1. With a communicator of K ranks the
         (candidate, batch) pairs are dealt round robin to the ranks and the token ids
         gathered: every rank returns the whole, single-process result. ``precision``
         ("float32" or "bf16" on AMX) applies to this call only (None: the model's
-        ``inference_precision``)."""
+        ``inference_precision``). ``decode``: how embeddings become tokens
+        (:func:`dlmone.diffusion.decode_tokens`)."""
+        if decode not in DECODERS:
+            raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
         if precision is not None:
             before = self.model.inference_precision
             self.model.inference_precision = precision  # raises where AMX-BF16 is missing
             try:
                 return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
-                                      return_candidates, comm)
+                                      return_candidates, comm, decode=decode)
             finally:
                 self.model.inference_precision = before
         if num_candidates < 1:
@@ -82,7 +86,7 @@ class SequenceModel:
             if comm.owns(j):
                 sl = batches[b]
                 done[c, b] = self.output_ids(sample(x_src[sl], mask[sl], derive_seed(seeds[c], b)),
-                                             ids[sl], mask[sl])
+                                             ids[sl], mask[sl], decode)
         for part in comm.allgather(done):
             done.update(part)
         cand_ids = [np.concatenate([done[c, b] for b in range(len(batches))]) for c in range(num_candidates)]

@@ -98,7 +98,8 @@ class Teacher(SequenceModel):
                  clamp: bool = True, num_candidates: int = 1, seed: int = 0, batch_size: int = 64,
                  return_ids: bool = False, return_candidates: bool = False,
                  progress: Optional[Callable[[int], None]] = None,
-                 comm: Optional[LocalComm] = None, precision: Optional[str] = None) -> Any:
+                 comm: Optional[LocalComm] = None, precision: Optional[str] = None,
+                 decode: str = "logits") -> Any:
         """Generate a target for every source string.
 
         ``steps``: T for ancestral (the default), k for ``method="ddim"``. With
@@ -107,14 +108,15 @@ class Teacher(SequenceModel):
         [N, L]; with ``return_candidates`` also the S candidate strings per source.
         ``comm`` (:mod:`dlmone.distributed`) shares the batches out over MPI ranks.
         ``precision="bf16"`` runs the network's products in bf16 on Intel AMX for this call
-        (RuntimeError on a CPU or build without AMX-BF16).
+        (RuntimeError on a CPU or build without AMX-BF16). ``decode``: ``"logits"`` (argmax
+        of the tied logits, SPEC §5) or ``"nearest"`` (the nearest word embedding).
         """
         def sample(x_src: np.ndarray, mask: np.ndarray, batch_seed: int) -> np.ndarray:
             return teacher_sample(self.model, self.diffusion, x_src, mask, steps, method, clamp,
                                   batch_seed, progress)
 
         return self._generate(sources, sample, num_candidates, seed, batch_size, return_ids,
-                              return_candidates, comm, precision)
+                              return_candidates, comm, precision, decode)
 
 
 # ------------------------------------------------------------------ training

@@ -581,6 +581,20 @@ def test_decode_tokens(rng, tiny_cfg):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_decode_tokens_nearest_embedding(rng, tiny_cfg):
+    model = make_model(tiny_cfg, rng)
+    W = model.state_dict()["word_embedding.weight"].astype(np.float64)
+    x = rng.standard_normal((3, tiny_cfg.seq_len, tiny_cfg.emb_dim)).astype(np.float32)
+    tok = decode_tokens(model, x, "nearest")
+    d2 = ((x.astype(np.float64)[:, :, None, :] - W[None, None]) ** 2).sum(-1)
+    _assert_argmax(tok, -d2, "nearest decoding")
+    # a word embedding decodes to its own token, whatever the output bias says
+    ids = rng.integers(0, tiny_cfg.vocab_size, size=(1, tiny_cfg.seq_len))
+    assert np.array_equal(decode_tokens(model, model.embed(ids), "nearest"), ids)
+    with pytest.raises(ValueError, match="decode"):
+        decode_tokens(model, x, "beam")
+
+
 # ----------------------------------------------------------------------------
 # timestep samplers
 # ----------------------------------------------------------------------------
