@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import numpy as np
@@ -34,12 +33,13 @@ ISA_LEVELS = [("baseline", "x86-64-v2"), ("avx2", "x86-64-v3"), ("avx512", "x86-
 CORE_ONCE = ["csrc/core/isa.c", "csrc/core/profile.c"]
 
 # The toolchain and the loader must know the levels and ifuncs (GCC >= 12 and glibc;
-# musl has no ifunc), so the probe is run, not only built.
+# musl has no ifunc), so this probe is run, not only built (for the build machine's
+# default target: it must run on any CPU).
 LEVELS_PROBE = """
 static int answer(void) { return 0; }
 static int (*resolve(void))(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v4") >= 0 ? answer : 0;
+    return __builtin_cpu_supports("x86-64-v4") ? answer : answer;
 }
 __attribute__((ifunc("resolve"))) int dispatched(void);
 int main(void) { return dispatched(); }
@@ -73,7 +73,7 @@ class BuildCore(build_ext):
         ext = self.extensions[0]
         flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
         native = os.environ.get("DLMONE_NATIVE", "0") == "1"
-        levels = _compiles(cc, ["-march=" + ISA_LEVELS[-1][1]], LEVELS_PROBE, run=True)
+        levels = _compiles(cc, ["-march=" + ISA_LEVELS[-1][1]]) and _compiles(cc, [], LEVELS_PROBE, run=True)
         if levels:
             ext.define_macros.append(("DLMONE_CPU_LEVELS", "1"))
         if native and _compiles(cc, ["-march=native"]):
