@@ -37,7 +37,10 @@ void amx_pack_weight(uint16_t *dst, const float *W, size_t out, size_t in) {
         }
 }
 
-#if defined(DLMONE_HAVE_AMX) && defined(__x86_64__)
+/* A dispatching build has the AMX code in its AVX-512 level only (every AMX CPU has
+ * AVX-512), so DLMONE_ISA=baseline or avx2 turns bf16 off with the rest. */
+#if defined(DLMONE_HAVE_AMX) && defined(__x86_64__) && \
+    (!defined(DLMONE_DISPATCH) || defined(DLMONE_LEVEL_AVX512))
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -74,6 +77,9 @@ AMX_TARGET static void load_tile_config(void) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
+    /* GCC 12's _tile_loadconfig declares an 8-byte read, so the stores above looked dead
+     * and were dropped (seen with -march=x86-64-v4): this says all of cfg is read. */
+    __asm__ volatile("" : : "m"(cfg));
     _tile_loadconfig(&cfg);
 }
 

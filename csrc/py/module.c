@@ -5,6 +5,7 @@
 #include "args.h"
 
 #include "amx.h"
+#include "isa.h"
 
 #ifndef DLMONE_CFLAGS
 #define DLMONE_CFLAGS "unknown"
@@ -26,6 +27,23 @@ static PyObject *py_get_num_threads(PyObject *mod, PyObject *unused) {
     return PyLong_FromLong(dl_max_threads());
 }
 
+/* The ISA levels, as names, that `keep` accepts. */
+static PyObject *isa_level_list(int (*keep)(DlIsa)) {
+    PyObject *list = PyList_New(0);
+    for (int i = 0; list && i < DL_ISA_COUNT; i++) {
+        if (!keep((DlIsa)i)) continue;
+        PyObject *name = PyUnicode_FromString(dl_isa_names[i]);
+        if (!name || PyList_Append(list, name) < 0) Py_CLEAR(list);
+        Py_XDECREF(name);
+    }
+    return list;
+}
+
+static int isa_built(DlIsa isa) {
+    (void)isa;
+    return dl_isa_dispatching();
+}
+
 static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
 #ifdef _OPENMP
     PyObject *omp = Py_True;
@@ -33,11 +51,18 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     PyObject *omp = Py_False;
 #endif
     char *cfg = scipy_openblas_get_config();
-    return Py_BuildValue("{s:O,s:s,s:s,s:s,s:i,s:s,s:O}", "openmp", omp, "blas",
-                         "scipy-openblas32 (single-threaded inside dlmone; OpenMP splits products)",
-                         "blas_config", cfg ? cfg : "", "blas_core", scipy_openblas_get_corename(),
-                         "threads", dl_max_threads(), "cflags", DLMONE_CFLAGS, "amx_bf16",
-                         amx_available() ? Py_True : Py_False);
+    PyObject *built = isa_level_list(isa_built), *cpu = isa_level_list(dl_isa_supported);
+    PyObject *info = NULL;
+    if (built && cpu)
+        info = Py_BuildValue("{s:O,s:s,s:s,s:s,s:i,s:s,s:O,s:s,s:O,s:O}", "openmp", omp, "blas",
+                             "scipy-openblas32 (single-threaded inside dlmone; OpenMP splits products)",
+                             "blas_config", cfg ? cfg : "", "blas_core", scipy_openblas_get_corename(),
+                             "threads", dl_max_threads(), "cflags", DLMONE_CFLAGS, "amx_bf16",
+                             amx_available() ? Py_True : Py_False, "isa", dl_isa_in_use(), "isa_levels",
+                             built, "cpu_isa", cpu);
+    Py_XDECREF(built);
+    Py_XDECREF(cpu);
+    return info;
 }
 
 static PyMethodDef module_methods[] = {
@@ -51,6 +76,15 @@ static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core",
                                          -1, module_methods};
 
 PyMODINIT_FUNC PyInit__core(void) {
+    if (!dl_isa_request_valid()) {
+        PyErr_Format(PyExc_ImportError, "DLMONE_ISA=%s: expected one of baseline, avx2, avx512",
+                     getenv("DLMONE_ISA"));
+        return NULL;
+    }
+    if (getenv("DLMONE_ISA") && *getenv("DLMONE_ISA") && !dl_isa_dispatching() &&
+        PyErr_WarnFormat(PyExc_RuntimeWarning, 1, "DLMONE_ISA is ignored: this build of dlmone (%s) has "
+                         "one build of its core, not a run-time choice", dl_isa_in_use()) < 0)
+        return NULL;
     import_array();
     if (PyType_Ready(&ModelType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
