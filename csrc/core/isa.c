@@ -52,6 +52,10 @@ int dl_isa_dispatching(void) {
 #endif
 }
 
+#ifndef DLMONE_ISA_FIXED
+#define DLMONE_ISA_FIXED "unspecified" /* built outside setup.py, e.g. by tests/c */
+#endif
+
 const char *dl_isa_in_use(void) {
 #ifdef DLMONE_DISPATCH
     return dl_isa_names[dl_isa_selected()];

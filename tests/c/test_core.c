@@ -562,16 +562,12 @@ typedef struct {
 
 static int model_create(Model *m, const ModelDims *d, uint64_t seed) {
     const char *err = NULL;
+    int oom = 0;
     memset(m, 0, sizeof(*m));
-    if (model_layout(d, &m->lay, &err)) {
-        CHECK(0, "model_layout: %s", err);
+    if (model_init(m, d, seed, &err, &oom)) {
+        CHECK(0, "model_init: %s", err);
         return -1;
     }
-    m->d = *d;
-    m->params = floats(m->lay.total);
-    m->grads = calloc(m->lay.total, sizeof(float));
-    if (!m->grads) exit(2);
-    model_init_params(m, seed);
     return 0;
 }
 
@@ -644,7 +640,8 @@ static void test_model_case(const ModelCase *c, uint64_t *s) {
         int threads = THREAD_COUNTS[ti];
         set_threads(threads);
         const char *err = NULL;
-        if (model_reserve(&m, B, L, &err)) {
+        int oom = 0;
+        if (model_reserve(&m, B, L, &err, &oom)) {
             CHECK(0, "model %s: model_reserve: %s", c->name, err);
             break;
         }
