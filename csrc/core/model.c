@@ -583,8 +583,8 @@ static int linear_grad(Model *m, float *dx, const LinearParams *lin, const float
 }
 
 /* The backward of the input projection `lin`, whose input is a->x: its parameter
- * gradients when pg, and dx = dy W (= or NULL). With self_cond only the x_t half of
- * the input gets a gradient, dy W[:, :E]: the self-conditioning input is a
+ * gradients when pg, and (dx not NULL) dx = dy W. With self_cond only the x_t half of
+ * the input gets a gradient, dx = dy W[:, :E]: the self-conditioning input is a
  * stop-gradient. 0, or -1 out of memory. */
 static int input_grad(Model *m, float *dx, const LinearParams *lin, const float *dy, int pg) {
     size_t M = m->act.B * m->act.L, E = m->d.E;

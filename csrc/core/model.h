@@ -72,8 +72,8 @@ typedef struct {
 
 typedef struct {
     size_t B, L;
-    float *x, *tsin, *te_pre, *te_act, *temb;
-    float *up_pre, *up_act, *up; /* x: the input rows, E wide, or 2E with self_cond */
+    float *x, *tsin, *te_pre, *te_act, *temb; /* x: the input rows, E wide (2E with self_cond) */
+    float *up_pre, *up_act, *up;
     float *emb_res, *mean0, *rstd0, *h0;
     LayerActs *layers;
     float *down_pre, *down_act;
