@@ -112,6 +112,27 @@ def clamp_to_embeddings(model: DiffusionTransformer, x0: np.ndarray, mask: np.nd
     return out
 
 
+def soft_absorb_positions(diffusion: Diffusion, t: np.ndarray, mask: np.ndarray, rate: float,
+                          seed: int, row0: int = 0, total: Optional[int] = None) -> np.ndarray:
+    """DiffuSeq-v2's discrete noise (its "soft absorbing state"): [B, L] bool, True where
+    the noised x_t is replaced by the learned [MASK] vector. Each position with mask 1
+    (target and pad) is chosen independently with probability rate * sqrt(1 - abar_t),
+    as in DiffuSeq-v2's q_sample (its ``denoise_rate``, 0.5 in its scripts). The
+    uniforms are drawn from ``seed`` for a whole batch of ``total`` rows (default B) of
+    which these are rows ``row0...``: a data-parallel shard gets the whole batch's draws."""
+    t = diffusion.check_t(t)
+    B, L = np.shape(mask)
+    u = np.random.default_rng(seed).random((B if total is None else total, L))[row0:row0 + B]
+    p = float(rate) * diffusion.sqrt_one_minus_alphas_cumprod[t]
+    return (u < p[:, None]) & (np.asarray(mask) > 0)
+
+
+def self_cond_rows(batch: int, seed: int) -> np.ndarray:
+    """The examples of a batch whose training pass is self-conditioned: each with
+    probability 1/2 (per example, as in Analog Bits and CDCD), drawn from ``seed``."""
+    return np.random.default_rng(seed).random(batch) < 0.5
+
+
 @dataclass
 class LossTerms:
     loss: float
@@ -124,7 +145,7 @@ class LossTerms:
 def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.ndarray,
                   mask: np.ndarray, t: np.ndarray, weights: Optional[np.ndarray] = None,
                   seed: int = 0, train: bool = True, backward: bool = True,
-                  rows: Optional[slice] = None) -> LossTerms:
+                  rows: Optional[slice] = None, soft_absorb: float = 0.0) -> LossTerms:
     """SPEC §5's loss on one batch, and its exact gradient accumulated into the model.
 
     loss_b = mean_{L,E}(f(x_t, t) - x0)² [x0_mean at t = 0] + mean_L CE(logits(x0), tokens)
@@ -139,6 +160,16 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     batch size), so the shares of disjoint rows add up to the whole batch's values.
     ``per_example`` then holds those rows only; dropout masks too are those of the whole
     batch (``DiffusionTransformer.forward(row_offset=...)``).
+
+    Recipe options (SPEC §5.1). A ``self_conditioning`` model is trained as in Analog
+    Bits: for each example with probability 1/2 (:func:`self_cond_rows`) a first pass
+    without gradient and with a zero self-conditioning input predicts x̂0, which is the
+    self-conditioning input of the second pass; the others get zeros. Only the second
+    pass is differentiated (x̂0 is a stop-gradient). ``soft_absorb`` > 0 (a model with a
+    ``mask_embedding``) adds DiffuSeq-v2's discrete noise: positions chosen by
+    :func:`soft_absorb_positions` enter the network as the [MASK] vector instead of
+    their noised x_t; the regression target stays the clean x0, and those positions'
+    input gradient goes to the [MASK] vector instead of x0.
     """
     tokens = as_tokens(tokens)
     B, L = tokens.shape
@@ -158,7 +189,24 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     x0 = x0_mean + np.float32(diffusion.sqrt_one_minus_alphas_cumprod[0]) * gaussian(
         (total, L, E), derive_seed(seed, 0))[rows]
     x_t = diffusion.q_sample(x0, t, gaussian((total, L, E), derive_seed(seed, 1))[rows], mask)
-    pred = model.forward(x_t, t, train=train, seed=derive_seed(seed, 2), row_offset=rows.indices(total)[0])
+    row0 = rows.indices(total)[0]
+    absorbed = None
+    if not 0.0 <= soft_absorb <= 1.0:
+        raise ValueError(f"soft_absorb must be in [0, 1], got {soft_absorb}")
+    if soft_absorb > 0:
+        if "mask_embedding" not in model.layout:
+            raise ValueError("soft_absorb needs a model with a [MASK] vector (ModelConfig.mask_embedding)")
+        absorbed = soft_absorb_positions(diffusion, t, mask, soft_absorb, derive_seed(seed, 3),
+                                         row0, total)
+        x_t[absorbed] = model.state_dict()["mask_embedding"]
+    x_sc = None
+    if model.config.self_conditioning:
+        use = self_cond_rows(total, derive_seed(seed, 4))[rows]
+        if use.any():  # the first pass: zero self-conditioning input, no gradient
+            first = model.forward(x_t, t, train=train, seed=derive_seed(seed, 5), row_offset=row0)
+            x_sc = np.where(use[:, None, None], first, np.float32(0))
+    pred = model.forward(x_t, t, train=train, seed=derive_seed(seed, 2), row_offset=row0,
+                         x_self_cond=x_sc)
 
     at_zero = np.ascontiguousarray(t == 0)
     mse, grad_pred = _core.mse_loss(pred, x0, x0_mean, at_zero, w / np.float32(total))
@@ -175,6 +223,9 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
         return terms
 
     grad_xt = model.backward(grad_pred)
+    if absorbed is not None:  # those inputs were the [MASK] vector, not a function of x0
+        model.grads()["mask_embedding"] += grad_xt[absorbed].sum(axis=0)
+        grad_xt[absorbed] = 0.0
     grad_x0 = model.logits_backward(x0, logits.reshape(B, L, -1))
     grad_x0 += (w / np.float32(total))[:, None, None] * (2.0 * abar_last / (L * E)) * x0
     grad_x0 += diffusion.q_sample_backward(grad_xt, t, mask)

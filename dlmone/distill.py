@@ -5,6 +5,13 @@ Three networks of the teacher's architecture: φ (the frozen teacher), G_θ (the
 generator, initialised from φ) and ψ (the fake-score estimator, initialised from φ,
 which is also the discriminator). Word embeddings stay φ's. One ψ step and one G
 step alternate; Adam with β1 = 0 and clipping by value for both.
+
+A teacher trained with the recipe options of SPEC §5.1 distils as it is: G and ψ get
+its architecture. A self-conditioned teacher's three networks all get zeros as their
+self-conditioning input (what a self-conditioned network sees in its first pass, or at
+the first sampling step), and so does the student when it generates. A [MASK] vector
+(``mask_embedding``, used only by the teacher's training loss) is frozen like the word
+embeddings.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from .runlog import JsonlLog, NullLog, discard
 from .teacher import Teacher
 
 FROZEN = ("word_embedding.weight", "lm_head.bias")
+FROZEN_IF_PRESENT = ("mask_embedding",)
 DISC_HEADS = ("token", "hidden_mean", "linear")
 
 
@@ -200,9 +208,10 @@ class Distiller:
             np.copyto(self.G.params, generator_params)
         self.psi.copy_from(self.phi)
         betas = (0.0, 0.999)
-        self.opt_g = AdamW(self.G, lr=config.lr_g, betas=betas, clip_value=config.clip_value, frozen=FROZEN)
+        frozen = FROZEN + tuple(k for k in FROZEN_IF_PRESENT if k in self.G.layout)
+        self.opt_g = AdamW(self.G, lr=config.lr_g, betas=betas, clip_value=config.clip_value, frozen=frozen)
         self.opt_psi = AdamW(self.psi, lr=config.lr_psi, betas=betas, clip_value=config.clip_value,
-                             frozen=FROZEN)
+                             frozen=frozen)
         # G_ema (SiD evaluates an EMA of G): what validation scores and the student keeps
         self.G_ema = EMA(self.G, config.g_ema) if config.g_ema > 0 else None
         H = mcfg.hidden_dim

@@ -41,6 +41,18 @@ class ModelConfig:
 
     ``max_positions`` is the number of rows of ``position_embeddings`` (DiffuSeq
     keeps BERT's 512); it defaults to ``seq_len``.
+
+    Two teacher-recipe options (SPEC §5.1) change the network; both off is DiffuSeq's
+    network, bit for bit:
+
+    - ``self_conditioning`` (Chen, Zhang & Hinton, "Analog Bits"): the input is
+      concat(x_t, x0_self_cond), 2E channels. With E != H ``input_up_proj.0`` becomes a
+      Linear(2E -> H); with E == H (DiffuSeq has no input projection then) one new layer,
+      ``self_cond_proj`` Linear(2E -> H), projects the input. ``forward(...,
+      x_self_cond=None)`` feeds zeros.
+    - ``mask_embedding``: one more tensor, ``mask_embedding`` [E], initialised N(0, 1)
+      like a word embedding: the learned [MASK] vector of DiffuSeq-v2's soft absorbing
+      state (``TeacherConfig.soft_absorb`` turns it on). The forward does not read it.
     """
 
     vocab_size: int
@@ -55,6 +67,8 @@ class ModelConfig:
     diffusion_steps: int = 2000
     max_positions: Optional[int] = None
     layer_norm_eps: float = 1e-12
+    self_conditioning: bool = False
+    mask_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.max_positions is None:
@@ -77,6 +91,9 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not float(self.layer_norm_eps) > 0.0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+        for name in ("self_conditioning", "mask_embedding"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +161,9 @@ class DiffusionTransformer:
         c = config
         self._core = _core.Model(c.vocab_size, c.emb_dim, c.hidden_dim, c.num_layers, c.num_heads,
                                  c.ffn_dim, c.time_dim, c.max_positions, float(c.dropout),
-                                 float(c.layer_norm_eps), self.seed)
+                                 float(c.layer_norm_eps), self.seed,
+                                 self_conditioning=c.self_conditioning,
+                                 mask_embedding=c.mask_embedding)
         self.params: np.ndarray = self._core.params
         self.grad_buffer: np.ndarray = self._core.grads
         self.layout: Dict[str, Tuple[int, Tuple[int, ...]]] = {
@@ -190,13 +209,16 @@ class DiffusionTransformer:
 
     # -- network ------------------------------------------------------------------
     def forward(self, x: Any, t: Any, train: bool = False, rescaled: bool = False,
-                seed: Optional[int] = None, row_offset: int = 0) -> np.ndarray:
+                seed: Optional[int] = None, row_offset: int = 0,
+                x_self_cond: Any = None) -> np.ndarray:
         """Predict x0 from x_t. x: [B,L,E]; t: integer timesteps [B] (or a scalar), or
         already-rescaled float timesteps with ``rescaled=True``. With ``train=True``
         dropout is on; its masks come from ``seed`` (default: a stream derived from the
         model seed that advances every call). ``row_offset`` says that these rows are
         rows ``row_offset...`` of a larger batch: a data-parallel shard then gets exactly
-        the dropout masks the whole batch would."""
+        the dropout masks the whole batch would. ``x_self_cond`` [B,L,E]: the
+        self-conditioning input of a ``self_conditioning`` model (None: zeros); it gets
+        no gradient in ``backward``."""
         x = as_float32(x, "x")
         if x.ndim != 3:
             raise ValueError(f"x must have 3 dimensions [B, L, E], got shape {x.shape}")
@@ -211,7 +233,9 @@ class DiffusionTransformer:
             seed = (self.seed * 1_000_003 + self.dropout_calls) & (2**64 - 1)
             self.dropout_calls += 1
         bf16 = not train and self._precision == "bf16"
-        return self._core.forward(x, tf, bool(train), int(seed or 0) & (2**64 - 1), bf16, int(row_offset))
+        sc = None if x_self_cond is None else as_float32(x_self_cond, "x_self_cond")
+        return self._core.forward(x, tf, bool(train), int(seed or 0) & (2**64 - 1), bf16,
+                                  int(row_offset), sc)
 
     __call__ = forward
 

@@ -98,17 +98,30 @@ class AdamW:
         self.step_count = int(state["step"])
 
 
-class EMA:
-    """Exponential moving average of a model's parameters: ema = d*ema + (1-d)*params."""
+def ema_decay_at(decay: float, step: int, warmup: bool) -> float:
+    """The EMA decay of the update after optimiser step ``step`` (0 for the first):
+    ``decay``, or with ``warmup`` min(decay, (1 + step) / (10 + step)) (SPEC §5.1), so
+    that a short run's average forgets the random initialisation (which a constant
+    0.999 still weighs at 0.999^2000 = 13.5% after 2,000 steps)."""
+    if warmup:
+        return min(float(decay), (1.0 + step) / (10.0 + step))
+    return float(decay)
 
-    def __init__(self, model: DiffusionTransformer, decay: float = 0.9999) -> None:
+
+class EMA:
+    """Exponential moving average of a model's parameters: ema = d*ema + (1-d)*params,
+    with d = ``decay``, or with ``warmup`` :func:`ema_decay_at` of the optimiser step."""
+
+    def __init__(self, model: DiffusionTransformer, decay: float = 0.9999, warmup: bool = False) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
-        self.model, self.decay = model, float(decay)
+        self.model, self.decay, self.warmup = model, float(decay), bool(warmup)
         self.params = model.params.copy()
 
-    def update(self) -> None:
-        _core.ema_update(self.params, self.model.params, self.decay)
+    def update(self, step: int = 0) -> None:
+        """Average in the current parameters; ``step`` is the optimiser step that produced
+        them (0 for the first), which sets the decay when ``warmup`` is on."""
+        _core.ema_update(self.params, self.model.params, ema_decay_at(self.decay, step, self.warmup))
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         views = self.model._views(self.params)

@@ -68,7 +68,8 @@ def _dims(config: ModelConfig) -> Dict[str, int]:
     """The sizes the C core's layout functions take."""
     return dict(vocab_size=config.vocab_size, emb_dim=config.emb_dim, hidden_dim=config.hidden_dim,
                 num_layers=config.num_layers, num_heads=config.num_heads, ffn_dim=config.ffn_dim,
-                time_dim=config.time_dim, max_positions=config.max_positions)
+                time_dim=config.time_dim, max_positions=config.max_positions,
+                self_conditioning=config.self_conditioning, mask_embedding=config.mask_embedding)
 
 
 def workspace_bytes(config: ModelConfig, batch: int, length: Optional[int] = None,

@@ -36,6 +36,8 @@ def teacher_sample(model: DiffusionTransformer, diffusion: Diffusion, x_src: np.
     predicted x0, fixed-large variance, no noise at the last step). ``method="ddim"``:
     η = 0 over ``steps`` evenly spaced timesteps. ``clamp`` replaces each predicted x0
     by its nearest word embedding. The source positions are re-anchored after every step.
+    A ``self_conditioning`` model gets the previous step's predicted x0 (the network's
+    output, before clamping; zeros at the first step) as its self-conditioning input.
     """
     T = diffusion.T
     mask = np.ascontiguousarray(mask, dtype=np.float32)
@@ -51,8 +53,11 @@ def teacher_sample(model: DiffusionTransformer, diffusion: Diffusion, x_src: np.
         raise ValueError(f"method must be 'ancestral' or 'ddim', got {method!r}")
     x = _anchor_start(x_src, mask, derive_seed(seed, 0))
     abar = diffusion.alphas_cumprod
+    x0_prev = None  # the self-conditioning input: None (zeros) at the first step
     for i, t in enumerate(ts):
-        x0 = model.forward(x, np.full(B, t, dtype=np.int64))
+        x0 = model.forward(x, np.full(B, t, dtype=np.int64), x_self_cond=x0_prev)
+        if model.config.self_conditioning:
+            x0_prev = x0
         if clamp:
             x0 = clamp_to_embeddings(model, x0, mask)
         if method == "ancestral":

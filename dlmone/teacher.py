@@ -33,7 +33,22 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class TeacherConfig(RunConfig):
-    """Everything that defines a teacher run. ``model`` overrides fields of the preset."""
+    """Everything that defines a teacher run. ``model`` overrides fields of the preset.
+
+    The recipe options of SPEC §5.1, all reachable with ``--set``:
+
+    - ``ema_warmup``: EMA decay min(ema_decay, (1+s)/(10+s)) at optimiser step s
+      (:func:`dlmone.optim.ema_decay_at`), so that a short run's EMA forgets the random
+      initialisation. On by default.
+    - ``model.dropout`` (the preset's otherwise; 0 suits short, under-fitted runs) and
+      ``timestep_sampler`` (``"uniform"`` or DiffuSeq's ``"lossaware"``).
+    - ``model.self_conditioning``: self-conditioning (:class:`dlmone.ModelConfig`); trained
+      on half of the examples (:func:`dlmone.diffusion.training_loss`), the samplers feed
+      the previous step's x̂0.
+    - ``soft_absorb``: DiffuSeq-v2's soft absorbing state, the rate of its discrete
+      noise (0 = off; DiffuSeq-v2's scripts use 0.5); the model then gets a learned
+      [MASK] vector (``mask_embedding``).
+    """
 
     preset: str = "tiny"
     model: Dict[str, Any] = field(default_factory=dict)
@@ -48,7 +63,9 @@ class TeacherConfig(RunConfig):
     warmup: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True
     timestep_sampler: str = "lossaware"
+    soft_absorb: float = 0.0
     log_every: int = 20
     eval_every: int = 500
     eval_size: int = 256
@@ -72,6 +89,11 @@ class TeacherConfig(RunConfig):
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if not isinstance(self.ema_warmup, bool):
+            raise ValueError(f"ema_warmup must be true or false, got {self.ema_warmup!r}")
+        if isinstance(self.soft_absorb, bool) or not isinstance(self.soft_absorb, (int, float)) \
+                or not 0.0 <= self.soft_absorb <= 1.0:
+            raise ValueError(f"soft_absorb must be a number in [0, 1], got {self.soft_absorb!r}")
         if self.preset not in ModelConfig.PRESETS:
             raise ValueError(f"preset must be one of {ModelConfig.PRESETS}, got {self.preset!r}")
         make_timestep_sampler(self.timestep_sampler, 1)
@@ -79,6 +101,8 @@ class TeacherConfig(RunConfig):
     def model_config(self, vocab_size: int) -> ModelConfig:
         kw = dict(self.model)
         kw.update(vocab_size=vocab_size, seq_len=self.seq_len, diffusion_steps=self.diffusion_steps)
+        if self.soft_absorb > 0:
+            kw["mask_embedding"] = True
         return ModelConfig.preset(self.preset, **kw)
 
 
@@ -198,7 +222,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
 
     model = DiffusionTransformer(mcfg, seed=config.seed)
     opt = AdamW(model, lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMA(model, config.ema_decay)
+    ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
     sampler = make_timestep_sampler(config.timestep_sampler, diffusion.T)
     rng = np.random.default_rng(config.seed)
     guard = NonFiniteGuard(config.max_bad_steps)
@@ -262,7 +286,8 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 t, w = sampler.sample(config.batch_size, rng)
                 terms = training_loss(model, diffusion, ids[idx], mask[idx], t,
                                       w / np.float32(config.grad_accum),
-                                      seed=derive_seed(config.seed, step, micro), rows=rows)
+                                      seed=derive_seed(config.seed, step, micro), rows=rows,
+                                      soft_absorb=config.soft_absorb)
                 per_example = comm.gather_rows(terms.per_example)  # the sampler sees the global batch
                 if np.isfinite(per_example).all():
                     sampler.update(t, per_example)
@@ -272,7 +297,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
             loss_sum = dict(zip(loss_sum, comm.sum_inplace(np.array(list(loss_sum.values()))).tolist()))
             if guard.ok(loss_sum["loss"], model.grad_buffer, f"teacher step {step + 1}"):
                 opt.step()
-                ema.update()
+                ema.update(opt.step_count - 1)
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:

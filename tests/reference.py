@@ -12,6 +12,12 @@ Usage::
     y = ref(x, t_scaled)                          # x [B,L,E], t_scaled [B] float
     ref.last_hidden                               # last encoder output [B,L,H]
     ref.get_logits(y)                             # [B,L,V]
+
+The two recipe options of ``dlmone.ModelConfig`` (SPEC §5.1) are mirrored:
+``self_conditioning`` (input concat(x, x_self_cond), projected by a Linear(2E -> H):
+``input_up_proj.0`` when E != H, ``self_cond_proj`` when E == H; ``ref(x, t,
+x_self_cond)``, None = zeros) and ``mask_embedding`` (a parameter [E] the forward
+does not use).
 """
 
 from __future__ import annotations
@@ -176,32 +182,47 @@ class TorchDiffuSeq(nn.Module):
         self.lm_head = nn.Linear(E, V)
         self.lm_head.weight = self.word_embedding.weight  # tied, as in DiffuSeq
         self.time_embed = nn.Sequential(nn.Linear(Dt, 4 * Dt), nn.SiLU(), nn.Linear(4 * Dt, H))
+        self.self_conditioning = bool(_cfg(cfg, "self_conditioning", False))
+        E_in = 2 * E if self.self_conditioning else E
         if E != H:
-            self.input_up_proj = nn.Sequential(nn.Linear(E, H), nn.Tanh(), nn.Linear(H, H))
+            self.input_up_proj = nn.Sequential(nn.Linear(E_in, H), nn.Tanh(), nn.Linear(H, H))
+        elif self.self_conditioning:
+            self.self_cond_proj = nn.Linear(E_in, H)
         self.input_transformers = _Encoder(N, H, A, Fd, p, eps)
         self.position_embeddings = nn.Embedding(Lmax, H)
         self.LayerNorm = nn.LayerNorm(H, eps=eps)
         self.dropout = nn.Dropout(p)
         if E != H:
             self.output_down_proj = nn.Sequential(nn.Linear(H, H), nn.Tanh(), nn.Linear(H, E))
+        if _cfg(cfg, "mask_embedding", False):
+            self.mask_embedding = nn.Parameter(torch.zeros(E))
         self.last_hidden = None
 
-    # x: [B,L,E] float; t_scaled: [B] float (already t*1000/T)
-    def forward(self, x, t_scaled):
+    # x: [B,L,E] float; t_scaled: [B] float (already t*1000/T); x_self_cond: [B,L,E] or None
+    def forward(self, x, t_scaled, x_self_cond=None):
         B, L, E = x.shape
         if L > self.max_positions:
             raise ValueError(f"sequence length {L} > max_positions {self.max_positions}")
         emb_t = self.time_embed(timestep_embedding(t_scaled, self.time_dim))
-        emb_x = self.input_up_proj(x) if hasattr(self, "input_up_proj") else x
+        if self.self_conditioning:
+            x = torch.cat([x, torch.zeros_like(x) if x_self_cond is None else x_self_cond], dim=-1)
+        elif x_self_cond is not None:
+            raise ValueError("x_self_cond given to a model without self-conditioning")
+        if hasattr(self, "input_up_proj"):
+            emb_x = self.input_up_proj(x)
+        elif self.self_conditioning:
+            emb_x = self.self_cond_proj(x)
+        else:
+            emb_x = x
         pos = self.position_embeddings.weight[:L]
         h = self.dropout(self.LayerNorm(pos[None] + emb_x + emb_t[:, None, :]))
         h = self.input_transformers(h)
         self.last_hidden = h
         return self.output_down_proj(h) if hasattr(self, "output_down_proj") else h
 
-    def forward_int(self, x, t_int):
+    def forward_int(self, x, t_int, x_self_cond=None):
         """forward with integer timesteps in [0, T), rescaled as in SPEC §4."""
-        return self.forward(x, rescale_timesteps(t_int, self.diffusion_steps))
+        return self.forward(x, rescale_timesteps(t_int, self.diffusion_steps), x_self_cond)
 
     def get_logits(self, h):
         return self.lm_head(h)  # h @ W.T + b
@@ -220,6 +241,8 @@ def expected_state_keys(cfg):
     keys += [f"time_embed.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
     if E != H:
         keys += [f"input_up_proj.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
+    elif _cfg(cfg, "self_conditioning", False):
+        keys += ["self_cond_proj.weight", "self_cond_proj.bias"]
     for i in range(cfg.num_layers):
         pre = f"input_transformers.layer.{i}."
         for mod in (
@@ -236,6 +259,8 @@ def expected_state_keys(cfg):
     keys += ["position_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias"]
     if E != H:
         keys += [f"output_down_proj.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
+    if _cfg(cfg, "mask_embedding", False):  # a parameter of the root module: saved first
+        keys.insert(0, "mask_embedding")
     return keys
 
 

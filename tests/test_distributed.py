@@ -94,12 +94,14 @@ def test_world_without_mpi4py_under_a_launcher_says_what_to_install(monkeypatch)
         distributed.world()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_training_loss_shares_of_disjoint_rows_add_up_to_the_batch(rng, dropout):
-    """With dropout too: a shard's rows get the whole batch's masks (row_offset)."""
+@pytest.mark.parametrize("dropout,recipe", [(0.0, False), (0.3, False), (0.3, True)],
+                         ids=["plain", "dropout", "self_cond+soft_absorb"])
+def test_training_loss_shares_of_disjoint_rows_add_up_to_the_batch(rng, dropout, recipe):
+    """With dropout too: a shard's rows get the whole batch's masks (row_offset); and with
+    the recipe options, the whole batch's self-conditioning rows and absorbed positions."""
     from dlmone.diffusion import Diffusion, training_loss
 
-    cfg = make_config(dropout=dropout)
+    cfg = make_config(dropout=dropout, self_conditioning=recipe, mask_embedding=recipe)
     model = make_model(cfg, rng)
     diffusion = Diffusion(cfg.diffusion_steps)
     B, L = 6, cfg.seq_len
@@ -111,7 +113,8 @@ def test_training_loss_shares_of_disjoint_rows_add_up_to_the_batch(rng, dropout)
 
     def run(rows):
         model.zero_grad()
-        terms = training_loss(model, diffusion, tokens, mask, t, w, seed=5, rows=rows)
+        terms = training_loss(model, diffusion, tokens, mask, t, w, seed=5, rows=rows,
+                              soft_absorb=0.7 if recipe else 0.0)
         return terms, model.grad_buffer.copy()
 
     full, g_full = run(None)
@@ -236,6 +239,25 @@ def test_two_ranks_train_the_teacher_one_process_trains(one_process):
     got_val, want_val = _records(run, "val_loss"), _records(one, "val_loss")  # sharded validation
     assert [g["val_loss"] for g in got_val] == pytest.approx([w["val_loss"] for w in want_val], rel=1e-5)
     assert (run / "teacher" / "model.safetensors").is_file()
+
+
+@needs_mpi
+def test_two_ranks_train_a_recipe_teacher_one_process_trains(one_process):
+    """Self-conditioning, the soft absorbing state and dropout on (EMA warm-up is the default)."""
+    from dlmone.cli import main
+
+    root = one_process["root"]
+    recipe = ["--set", "model.self_conditioning=true", "--set", "model.dropout=0.1", "--set", "soft_absorb=0.5"]
+    one, run = root / "recipe1", root / "recipe2"
+    base = ["train-teacher", "--data", one_process["data"], "--config", one_process["cfg"], *recipe]
+    assert main(["--quiet", "--threads", "1", *base, "--out", str(one)]) == 0
+    r = _mpirun(2, [*base, "--out", str(run)])
+    assert r.returncode == 0, r.stderr
+    key_bias = _key_biases(one)
+    got, want = _state(run, STEPS), _state(one, STEPS)
+    for name in ("params", "ema"):
+        assert_weights_match(got[name], want[name], key_bias, LR, STEPS, name)
+    assert_moments_match(got["adam_v"], want["adam_v"], "adam_v")
 
 
 @needs_mpi

@@ -151,7 +151,7 @@ def test_validation_loss_is_deterministic(trained, data):
 
 
 def test_ema_decay_one_keeps_initial_weights(data, tmp_path):
-    cfg = _cfg(steps=3, ema_decay=1.0, lr=1e-2, warmup=0)
+    cfg = _cfg(steps=3, ema_decay=1.0, ema_warmup=False, lr=1e-2, warmup=0)
     t = train_teacher(cfg, data, tmp_path / "run", **QUIET)
     init = DiffusionTransformer(t.config, seed=cfg.seed)
     assert np.array_equal(t.model.params, init.params)

@@ -98,9 +98,12 @@ static void build_table(const ModelDims *d, TableBuilder *tb) {
     add_tensor(tb, lay->lm_bias, V, 0, PARAM_BIAS, E, "lm_head.bias");
     lay->te0 = add_linear(tb, "time_embed.0", T4, d->Dt);
     lay->te2 = add_linear(tb, "time_embed.2", H, T4);
+    size_t in = d->self_cond ? 2 * E : E; /* the input's channels: x_t (and x0_self_cond) */
     if (E != H) {
-        lay->up0 = add_linear(tb, "input_up_proj.0", H, E);
+        lay->up0 = add_linear(tb, "input_up_proj.0", H, in);
         lay->up2 = add_linear(tb, "input_up_proj.2", H, H);
+    } else if (d->self_cond) { /* DiffuSeq has no input projection to grow when E == H */
+        lay->sc_proj = add_linear(tb, "self_cond_proj", H, in);
     }
     lay->pos = take(&tb->c, d->P, H);
     add_tensor(tb, lay->pos, d->P, H, PARAM_EMBEDDING, 0, "position_embeddings.weight");
@@ -143,6 +146,10 @@ static void build_table(const ModelDims *d, TableBuilder *tb) {
         lay->down0 = add_linear(tb, "output_down_proj.0", H, H);
         lay->down2 = add_linear(tb, "output_down_proj.2", E, H);
     }
+    if (d->mask_emb) { /* last, so that every other tensor initialises as without it */
+        lay->mask_emb = take(&tb->c, E, 1);
+        add_tensor(tb, lay->mask_emb, E, 0, PARAM_EMBEDDING, 0, "mask_embedding");
+    }
     lay->total = tb->c.pos;
 }
 
@@ -162,9 +169,9 @@ static int count_table(const ModelDims *d, ParamLayout *counts, const char **err
         return -1;
     }
     /* the widths of the products (and their leading dimensions) reach 32-bit BLAS */
-    if (d->V > DL_BLAS_MAX || d->E > DL_BLAS_MAX || d->H > DL_BLAS_MAX / 3 ||
+    if (d->V > DL_BLAS_MAX || d->E > DL_BLAS_MAX / 2 || d->H > DL_BLAS_MAX / 3 ||
         d->F > DL_BLAS_MAX || d->Dt > DL_BLAS_MAX / 4) {
-        *err = "sizes too large: vocab_size, emb_dim, 3*hidden_dim, ffn_dim and 4*time_dim "
+        *err = "sizes too large: vocab_size, 2*emb_dim, 3*hidden_dim, ffn_dim and 4*time_dim "
                "must be at most 2^31-1 (32-bit BLAS)";
         return -1;
     }
@@ -222,7 +229,7 @@ static void plan_workspace(const ModelDims *d, size_t B, size_t L, int threads, 
     if (dl_mul_overflows(B, L, &M)) c->overflow = 1;
     a->B = B;
     a->L = L;
-    a->x = take_ptr(c, M, E);
+    a->x = take_ptr(c, M, d->self_cond ? 2 * E : E);
     a->tsin = take_ptr(c, B, d->Dt);
     a->te_pre = take_ptr(c, B, T4);
     a->te_act = take_ptr(c, B, T4);
@@ -230,8 +237,8 @@ static void plan_workspace(const ModelDims *d, size_t B, size_t L, int threads, 
     if (E != H) {
         a->up_pre = take_ptr(c, M, H);
         a->up_act = take_ptr(c, M, H);
-        a->up = take_ptr(c, M, H);
     }
+    if (E != H || d->self_cond) a->up = take_ptr(c, M, H);
     a->emb_res = take_ptr(c, M, H);
     a->mean0 = take_ptr(c, M, 1);
     a->rstd0 = take_ptr(c, M, 1);
@@ -498,8 +505,8 @@ static void layer_forward(Model *m, size_t l, const float *x_in, float p, uint64
                       P + lp->ln2_b, M, H, d->ln_eps);
 }
 
-void model_forward(Model *m, const float *x, const float *t, float *y, size_t B, size_t L,
-                   int train, uint64_t seed, size_t row0, int bf16) {
+void model_forward(Model *m, const float *x, const float *x_sc, const float *t, float *y,
+                   size_t B, size_t L, int train, uint64_t seed, size_t row0, int bf16) {
     const ModelDims *d = &m->d;
     const ParamLayout *lay = &m->lay;
     Activations *a = &m->act;
@@ -508,7 +515,17 @@ void model_forward(Model *m, const float *x, const float *t, float *y, size_t B,
     float p = train ? d->dropout : 0.0f;
     m->last_row0 = row0; /* read by the dropout calls of forward and backward */
 
-    memcpy(a->x, x, M * E * sizeof(float));
+    if (d->self_cond) { /* input rows [x | x_sc] */
+#pragma omp parallel for schedule(static) if (M * E > DL_PAR_MIN)
+        for (size_t r = 0; r < M; r++) {
+            float *o = a->x + r * 2 * E;
+            memcpy(o, x + r * E, E * sizeof(float));
+            if (x_sc) memcpy(o + E, x_sc + r * E, E * sizeof(float));
+            else memset(o + E, 0, E * sizeof(float));
+        }
+    } else {
+        memcpy(a->x, x, M * E * sizeof(float));
+    }
     timestep_embedding(a->tsin, t, B, d->Dt);
     layer_linear(m, bf16, a->te_pre, NULL, a->tsin, lay->te0, B);
     silu_forward(a->te_act, a->te_pre, B * T4);
@@ -518,6 +535,9 @@ void model_forward(Model *m, const float *x, const float *t, float *y, size_t B,
         layer_linear(m, bf16, a->up_pre, NULL, a->x, lay->up0, M);
         tanh_forward(a->up_act, a->up_pre, M * H);
         layer_linear(m, bf16, a->up, NULL, a->up_act, lay->up2, M);
+        up = a->up;
+    } else if (d->self_cond) {
+        layer_linear(m, bf16, a->up, NULL, a->x, lay->sc_proj, M);
         up = a->up;
     }
     const float *pos = P + lay->pos;
@@ -560,6 +580,19 @@ static int linear_grad(Model *m, float *dx, const LinearParams *lin, const float
     float *G = m->grads;
     return linear_backward(dx, GRAD(lin->w), GRAD(lin->b), dy, x, m->params + lin->w, M, lin->in,
                            lin->out, accumulate);
+}
+
+/* The backward of the input projection `lin`, whose input is a->x: its parameter
+ * gradients when pg, and (dx not NULL) dx = dy W. With self_cond only the x_t half of
+ * the input gets a gradient, dx = dy W[:, :E]: the self-conditioning input is a
+ * stop-gradient. 0, or -1 out of memory. */
+static int input_grad(Model *m, float *dx, const LinearParams *lin, const float *dy, int pg) {
+    size_t M = m->act.B * m->act.L, E = m->d.E;
+    if (!m->d.self_cond) return linear_grad(m, dx, lin, dy, m->act.x, M, 0, pg);
+    if (pg && linear_grad(m, NULL, lin, dy, m->act.x, M, 0, pg)) return -1;
+    return dx ? matmul(0, 0, M, E, lin->out, 1.0f, dy, lin->out, m->params + lin->w, lin->in,
+                       0.0f, dx, E)
+              : 0;
 }
 
 /* In: a->g1 = d(layer output). Out: a->g1 = d(layer input). 0, or -1 out of memory. */
@@ -655,7 +688,9 @@ int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, i
     if (E != H) {
         if (linear_grad(m, a->g1, lay->up2, a->g2, a->up_act, M, 0, pg)) return -1;
         tanh_backward(a->g1, a->up_act, a->g1, M * H);
-        if (linear_grad(m, dx, lay->up0, a->g1, a->x, M, 0, pg)) return -1;
+        if (input_grad(m, dx, lay->up0, a->g1, pg)) return -1;
+    } else if (d->self_cond) {
+        if (input_grad(m, dx, lay->sc_proj, a->g2, pg)) return -1;
     } else if (dx) {
         memcpy(dx, a->g2, M * H * sizeof(float));
     }

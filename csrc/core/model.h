@@ -8,6 +8,12 @@
 typedef struct {
     size_t V, E, H, N, A, F, Dt, P; /* P = max positions */
     float dropout, ln_eps;
+    /* Recipe options (SPEC §5.1), both off in DiffuSeq's network:
+     * self_cond: the input is concat(x_t, x0_self_cond), 2E channels, projected by
+     *   input_up_proj.0 (E != H) or by self_cond_proj, a Linear(2E -> H) (E == H);
+     * mask_emb: one more tensor, mask_embedding [E], the learned [MASK] vector of
+     *   DiffuSeq-v2's soft absorbing state (used by the training loss, not the forward). */
+    int self_cond, mask_emb;
 } ModelDims;
 
 /* Largest parameter buffer and activation workspace, in floats: far above any real
@@ -52,8 +58,9 @@ typedef struct {
     LinearParams *linear; /* n_linear */
     LayerParams *layers;  /* N */
     size_t n_tensors, n_linear, total;
-    size_t word_emb, lm_bias, pos, ln_w, ln_b;
+    size_t word_emb, lm_bias, pos, ln_w, ln_b, mask_emb; /* mask_emb only with dims.mask_emb */
     const LinearParams *te0, *te2, *up0, *up2, *down0, *down2; /* up/down only when E != H */
+    const LinearParams *sc_proj; /* self_cond_proj: only with self_cond when E == H */
 } ParamLayout;
 
 typedef struct {
@@ -65,7 +72,7 @@ typedef struct {
 
 typedef struct {
     size_t B, L;
-    float *x, *tsin, *te_pre, *te_act, *temb;
+    float *x, *tsin, *te_pre, *te_act, *temb; /* x: the input rows, E wide (2E with self_cond) */
     float *up_pre, *up_act, *up;
     float *emb_res, *mean0, *rstd0, *h0;
     LayerActs *layers;
@@ -118,13 +125,15 @@ void model_free(Model *m);
  * changed, sizes the input buffer. 0 or -1 with *err set. */
 int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err);
 
-/* x[B,L,E], t[B] (model-scale timesteps), y[B,L,E]. The rows are rows row0.. of a
- * larger batch as far as dropout masks go (data-parallel shards get the whole batch's
- * masks). With bf16 (inference only, after model_prepare_bf16) the linear layers run
+/* x[B,L,E], t[B] (model-scale timesteps), y[B,L,E]; x_sc[B,L,E] is the self-conditioning
+ * input of a self_cond model (NULL: zeros; ignored without self_cond). The rows are
+ * rows row0.. of a larger batch as far as dropout masks go (data-parallel shards get
+ * the whole batch's masks). With bf16 (inference only, after model_prepare_bf16) the linear layers run
  * in bf16 on AMX. */
-void model_forward(Model *m, const float *x, const float *t, float *y, size_t B, size_t L,
-                   int train, uint64_t seed, size_t row0, int bf16);
-/* dy[B,L,E], dhidden[B,L,H] or NULL, dx[B,L,E] or NULL; accumulates into m->grads
+void model_forward(Model *m, const float *x, const float *x_sc, const float *t, float *y,
+                   size_t B, size_t L, int train, uint64_t seed, size_t row0, int bf16);
+/* dy[B,L,E], dhidden[B,L,H] or NULL, dx[B,L,E] or NULL (with respect to x only: the
+ * self-conditioning input is a stop-gradient); accumulates into m->grads
  * when param_grads. Uses the activations of the last forward. 0, or -1 when a product
  * could not get its scratch memory (the gradients are then incomplete). */
 int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int param_grads);

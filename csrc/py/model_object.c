@@ -35,10 +35,13 @@ static void release(ModelObject *self) { self->busy = 0; }
 #define DIM_NAMES "vocab_size", "emb_dim", "hidden_dim", "num_layers", "num_heads", "ffn_dim", \
                   "time_dim", "max_positions"
 #define DIM_FORMAT "LLLLLLLL"
+#define OPTION_NAMES "self_conditioning", "mask_embedding"
 static const char *dim_names[8] = {DIM_NAMES};
 
-/* ModelDims from the 8 sizes, dropout and eps, checked: 0, or -1 with ValueError. */
-static int dims_from(const long long v[8], double dropout, double eps, ModelDims *d) {
+/* ModelDims from the 8 sizes, dropout, eps and the two recipe options (model.h),
+ * checked: 0, or -1 with ValueError. */
+static int dims_from(const long long v[8], double dropout, double eps, int self_cond, int mask_emb,
+                     ModelDims *d) {
     for (int i = 0; i < 8; i++) {
         if (v[i] <= 0) {
             PyErr_Format(PyExc_ValueError, "%s must be positive, got %lld", dim_names[i], v[i]);
@@ -54,7 +57,8 @@ static int dims_from(const long long v[8], double dropout, double eps, ModelDims
         return -1;
     }
     *d = (ModelDims){(size_t)v[0], (size_t)v[1], (size_t)v[2], (size_t)v[3], (size_t)v[4],
-                     (size_t)v[5], (size_t)v[6], (size_t)v[7], (float)dropout, (float)eps};
+                     (size_t)v[5], (size_t)v[6], (size_t)v[7], (float)dropout, (float)eps,
+                     self_cond, mask_emb};
     const char *err = NULL;
     if (model_dims_check(d, &err)) {
         PyErr_SetString(PyExc_ValueError, err);
@@ -87,13 +91,14 @@ static PyObject *layout_list(const ParamLayout *lay) {
 }
 
 static PyObject *py_param_layout(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {DIM_NAMES, NULL};
+    static char *kwlist[] = {DIM_NAMES, OPTION_NAMES, NULL};
     long long v[8];
-    if (!PyArg_ParseTupleAndKeywords(args, kw, DIM_FORMAT, kwlist, &v[0], &v[1], &v[2], &v[3],
-                                     &v[4], &v[5], &v[6], &v[7]))
+    int self_cond = 0, mask_emb = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, DIM_FORMAT "|$pp", kwlist, &v[0], &v[1], &v[2],
+                                     &v[3], &v[4], &v[5], &v[6], &v[7], &self_cond, &mask_emb))
         return NULL;
     ModelDims d;
-    if (dims_from(v, 0.0, 1.0, &d)) return NULL;
+    if (dims_from(v, 0.0, 1.0, self_cond, mask_emb, &d)) return NULL;
     ParamLayout lay;
     const char *err = NULL;
     int oom = 0;
@@ -107,15 +112,16 @@ static PyObject *py_param_layout(PyObject *mod, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *py_workspace_bytes(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {DIM_NAMES, "batch", "length", "threads", "backward", NULL};
+    static char *kwlist[] = {DIM_NAMES, "batch", "length", "threads", "backward", OPTION_NAMES,
+                             NULL};
     long long v[8], B, L;
-    int threads = 0, backward = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, DIM_FORMAT "LL|ip", kwlist, &v[0], &v[1], &v[2],
+    int threads = 0, backward = 1, self_cond = 0, mask_emb = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, DIM_FORMAT "LL|ip$pp", kwlist, &v[0], &v[1], &v[2],
                                      &v[3], &v[4], &v[5], &v[6], &v[7], &B, &L, &threads,
-                                     &backward))
+                                     &backward, &self_cond, &mask_emb))
         return NULL;
     ModelDims d;
-    if (dims_from(v, 0.0, 1.0, &d)) return NULL;
+    if (dims_from(v, 0.0, 1.0, self_cond, mask_emb, &d)) return NULL;
     if (B < 1 || L < 1)
         return PyErr_Format(PyExc_ValueError, "batch and length must be positive, got %lld, %lld",
                             B, L);
@@ -135,10 +141,12 @@ static PyObject *py_workspace_bytes(PyObject *mod, PyObject *args, PyObject *kw)
 PyMethodDef model_functions[] = {
     {"param_layout", (PyCFunction)(void (*)(void))py_param_layout, METH_VARARGS | METH_KEYWORDS,
      "param_layout(vocab_size, emb_dim, hidden_dim, num_layers, num_heads, ffn_dim, time_dim, "
-     "max_positions) -> [(name, offset, shape)]: Model(...).layout() without a model"},
+     "max_positions, *, self_conditioning=False, mask_embedding=False) -> [(name, offset, "
+     "shape)]: Model(...).layout() without a model"},
     {"workspace_bytes", (PyCFunction)(void (*)(void))py_workspace_bytes,
      METH_VARARGS | METH_KEYWORDS,
-     "workspace_bytes(<the 8 sizes>, batch, length, threads=0, backward=True) -> int: the "
+     "workspace_bytes(<the 8 sizes>, batch, length, threads=0, backward=True, *, "
+     "self_conditioning=False, mask_embedding=False) -> int: the "
      "activation workspace a Model holds after a forward of [batch, length] with `threads` "
      "OpenMP threads (0: the current setting); backward=False: the part a forward writes"},
     {NULL}};
@@ -151,11 +159,13 @@ static void Model_dealloc(ModelObject *self) {
 }
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {DIM_NAMES, "dropout", "layer_norm_eps", "seed", NULL};
+    static char *kwlist[] = {DIM_NAMES, "dropout", "layer_norm_eps", "seed", OPTION_NAMES, NULL};
     long long v[8], seed = 0;
     double dropout = 0.0, eps = 1e-12;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, DIM_FORMAT "|ddL", kwlist, &v[0], &v[1], &v[2],
-                                     &v[3], &v[4], &v[5], &v[6], &v[7], &dropout, &eps, &seed))
+    int self_cond = 0, mask_emb = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, DIM_FORMAT "|ddL$pp", kwlist, &v[0], &v[1], &v[2],
+                                     &v[3], &v[4], &v[5], &v[6], &v[7], &dropout, &eps, &seed,
+                                     &self_cond, &mask_emb))
         return -1;
     /* numpy views of params and grads may be alive: their buffers must stay */
     if (self->m.params) {
@@ -164,7 +174,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     ModelDims d;
-    if (dims_from(v, dropout, eps, &d)) return -1;
+    if (dims_from(v, dropout, eps, self_cond, mask_emb, &d)) return -1;
     const char *err = NULL;
     int oom = 0;
     if (model_init(&self->m, &d, (uint64_t)seed, &err, &oom)) {
@@ -204,12 +214,13 @@ static PyObject *Model_layout(ModelObject *self, PyObject *unused) {
 }
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "t", "train", "seed", "bf16", "row_offset", NULL};
-    PyObject *xo, *to;
+    static char *kwlist[] = {"x", "t", "train", "seed", "bf16", "row_offset", "x_self_cond", NULL};
+    PyObject *xo, *to, *sco = Py_None;
     int train = 0, bf16 = 0;
     unsigned long long seed = 0;
     Py_ssize_t row0 = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pKpn", kwlist, &xo, &to, &train, &seed, &bf16, &row0))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pKpnO", kwlist, &xo, &to, &train, &seed, &bf16,
+                                     &row0, &sco))
         return NULL;
     if (row0 < 0 || (size_t)row0 > ((size_t)1 << 40)) {
         PyErr_Format(PyExc_ValueError, "row_offset must be in [0, 2^40], got %zd", row0);
@@ -236,6 +247,18 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     }
     npy_intp ts[1] = {(npy_intp)B};
     if (!(t = check_array(to, "t", NPY_FLOAT32, 1, ts, 0))) goto done;
+    const float *x_sc = NULL;
+    if (sco != Py_None) {
+        if (!m->d.self_cond) {
+            PyErr_SetString(PyExc_ValueError, "x_self_cond given to a model without "
+                                              "self-conditioning (self_conditioning=False)");
+            goto done;
+        }
+        npy_intp ss[3] = {(npy_intp)B, (npy_intp)L, (npy_intp)m->d.E};
+        PyArrayObject *sc = check_array(sco, "x_self_cond", NPY_FLOAT32, 3, ss, 0);
+        if (!sc) goto done;
+        x_sc = fdata(sc);
+    }
     const char *err = NULL;
     int oom = 0;
     m->has_forward = 0; /* from here on a failure leaves no activations for backward */
@@ -250,7 +273,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     Py_BEGIN_ALLOW_THREADS
     failed = bf16 && model_prepare_bf16(m, B, L, &err);
     if (!failed)
-        model_forward(m, fdata(x), fdata(t), fdata((PyArrayObject *)y), B, L, train, seed,
+        model_forward(m, fdata(x), x_sc, fdata(t), fdata((PyArrayObject *)y), B, L, train, seed,
                       (size_t)row0, bf16);
     Py_END_ALLOW_THREADS
     if (failed) {
@@ -438,7 +461,9 @@ static PyObject *Model_workspace_bytes(ModelObject *self, void *c) {
 static PyMethodDef Model_methods[] = {
     {"layout", (PyCFunction)Model_layout, METH_NOARGS, "[(name, offset, shape)] of every parameter tensor."},
     {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
-     "forward(x[B,L,E] float32, t[B] float32 model-scale, train=False, seed=0) -> y[B,L,E]"},
+     "forward(x[B,L,E] float32, t[B] float32 model-scale, train=False, seed=0, bf16=False, "
+     "row_offset=0, x_self_cond=None) -> y[B,L,E]; x_self_cond [B,L,E] (None: zeros) only "
+     "for a self_conditioning model"},
     {"backward", (PyCFunction)(void (*)(void))Model_backward, METH_VARARGS | METH_KEYWORDS,
      "backward(grad_out, grad_hidden=None, param_grads=True) -> grad_x; accumulates grads"},
     {"hidden", (PyCFunction)Model_hidden, METH_NOARGS, "Copy of the last encoder output [B,L,H]."},
@@ -463,7 +488,8 @@ PyTypeObject ModelType = {
     .tp_dealloc = (destructor)Model_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Model(vocab_size, emb_dim, hidden_dim, num_layers, num_heads, ffn_dim, time_dim, "
-              "max_positions, dropout=0, layer_norm_eps=1e-12, seed=0): the C network. One "
+              "max_positions, dropout=0, layer_norm_eps=1e-12, seed=0, *, "
+              "self_conditioning=False, mask_embedding=False): the C network. One "
               "thread at a time: a concurrent call raises RuntimeError.",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
