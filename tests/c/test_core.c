@@ -574,7 +574,7 @@ static int model_create(Model *m, const ModelDims *d, uint64_t seed) {
 /* sum(y * gy) + sum(hidden * gh) of an inference forward, in double */
 static double model_loss(Model *m, const float *x, const float *t, const float *gy,
                          const float *gh, float *y, size_t B, size_t L) {
-    model_forward(m, x, t, y, B, L, 0, 0, 0, 0);
+    model_forward(m, x, NULL, t, y, B, L, 0, 0, 0, 0);
     const float *hid = model_hidden(m);
     double loss = 0.0;
     for (size_t i = 0; i < B * L * m->d.E; i++) loss += (double)y[i] * gy[i];
@@ -648,7 +648,7 @@ static void test_model_case(const ModelCase *c, uint64_t *s) {
         memset(m.grads, 0, np * sizeof(float));
         float *y = out, *hid = y + M * E, *dx = hid + M * H, *logits = dx + M * E;
         float *dh = logits + M * V, *grads = dh + M * E;
-        model_forward(&m, x, t, y, B, L, 1, 99, 3, 0); /* training: dropout on */
+        model_forward(&m, x, NULL, t, y, B, L, 1, 99, 3, 0); /* training: dropout on */
         memcpy(hid, model_hidden(&m), M * H * sizeof(float));
         model_backward(&m, gy, gh, dx, 1);
         model_logits(&m, y, logits, M);
