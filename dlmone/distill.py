@@ -91,6 +91,7 @@ class DistillConfig(RunConfig):
     # dim too; "linear" is a Linear(H -> 1) head with one logit per position.
     disc_head: str = "token"
     adv_weight: float = 1.0         # λ_adv of SPEC §6.4: L_G = L_SiD + b_G λ_adv BCE
+    disc_weight: float = 1.0        # λ_D: L_ψ = DSM + b_ψ λ_D ½(BCE_real + BCE_fake)
     psi_warmup: int = 0             # ψ-only steps at the start of each stage (G frozen)
     adv_start: int = 0              # G's adversarial term is off before this step of a stage
     g_ema: float = 0.0              # decay of an EMA of G that validation and the student use; 0: off
@@ -130,8 +131,9 @@ class DistillConfig(RunConfig):
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if not 0.0 <= self.g_ema < 1.0:
             raise ValueError(f"g_ema must be in [0, 1), got {self.g_ema}")
-        if not self.adv_weight >= 0:
-            raise ValueError(f"adv_weight must be >= 0, got {self.adv_weight}")
+        for name in ("adv_weight", "disc_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.eval_steps <= 8:
             raise ValueError(f"eval_steps must be in [1, 8], got {self.eval_steps}")
         for name in ("lr_g", "lr_psi", "clip_value"):
@@ -232,14 +234,17 @@ class Distiller:
 
     def _disc(self, hidden: np.ndarray, mask: np.ndarray, target: np.ndarray):
         """D_ψ's BCE per example (the mean over its logits), its gradient with respect to
-        the logits, and each example's score (its mean logit: > 0 means "real")."""
+        the logits, and each example's score: the mean over its logits of σ(logit) − ½,
+        > 0 meaning "real". (Not the mean logit: with token pooling that is the mean of
+        the post-LayerNorm state over the hidden dimension, the inert quantity of SPEC §6.3.)"""
         kind = self.config.disc_head
         logit = _core.disc_logits(hidden, mask, kind, self.head())
         w = disc_weights(kind, mask, hidden.shape[-1])
         bce, g_logit = _core.bce_with_logits(logit.ravel(), np.repeat(target, logit.shape[1]), 10.0)
         bce, g_logit = bce.reshape(logit.shape), g_logit.reshape(logit.shape)
         g_logit *= w
-        return (bce * w).sum(axis=1), g_logit, (logit * w).sum(axis=1)
+        prob = 1.0 / (1.0 + np.exp(-np.clip(logit, -30.0, 30.0)))
+        return (bce * w).sum(axis=1), g_logit, (prob * w).sum(axis=1) - 0.5
 
     def _disc_backward(self, g_logit: np.ndarray, hidden: np.ndarray, mask: np.ndarray):
         return _core.disc_backward(g_logit, hidden, mask, self.config.disc_head, self.head())
@@ -268,7 +273,7 @@ class Distiller:
         return dict(zip(stats, self.comm.sum_inplace(np.array(list(stats.values()))).tolist()))
 
     def psi_step(self, ids: np.ndarray, mask: np.ndarray, seed: int) -> Dict[str, float]:
-        """L_ψ = mean_target ||f_ψ(x_t) - e_g||² + b_ψ ½[BCE(D(x_t^real), 1) + BCE(D(x_t^fake), 0)]."""
+        """L_ψ = mean_target ||f_ψ(x_t) - e_g||² + b_ψ λ_D ½[BCE(D(x_t^real), 1) + BCE(D(x_t^fake), 0)]."""
         c, B = self.config, len(ids)
         positions = np.count_nonzero(mask)  # the global batch's target positions
         mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
@@ -294,7 +299,7 @@ class Distiller:
             hidden = self.psi.hidden
             target = np.concatenate([np.zeros(n, np.float32), np.ones(n, np.float32)])
             bce, g_logit, score = self._disc(hidden, mask2, target)
-            g_logit *= np.float32(self.weights.b_psi * 0.5 / B)
+            g_logit *= np.float32(self.weights.b_psi * c.disc_weight * 0.5 / B)
             grad_hidden, g_w, g_b = self._disc_backward(g_logit, hidden, mask2)
             if g_w is not None:
                 self._head_step(g_w, g_b)
@@ -381,7 +386,9 @@ class Distiller:
         grad_hidden, _, _ = self._disc_backward(g_logit, self.psi.hidden, mask)
         gx = self.psi.backward(np.zeros_like(y_f), grad_hidden, param_grads=False)
         g_adv = self.diffusion.q_sample_backward(gx, t, mask) * m3
-        out["adv_share"] = float(np.linalg.norm(g_adv) / max(np.linalg.norm(g_sid), 1e-30))
+        sid_norm = float(np.linalg.norm(g_sid))
+        if sid_norm > 0:  # 0 while ψ = φ (a stage's start): no share to speak of
+            out["adv_share"] = float(np.linalg.norm(g_adv)) / sid_norm
         return out
 
 
@@ -525,7 +532,8 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 log.write(step=step, stage=stage, warnings=notes, **{f"val_{k}": v for k, v in m.items()})
                 improved = m["bleu"] > best["bleu"]
                 d_part = (f" D acc {m['disc_acc_real']:.2f}/{m['disc_acc_fake']:.2f} AUC {m['disc_auc']:.2f}"
-                          f" adv share {m['adv_share']:.3f}" if "disc_auc" in m else "")
+                          if "disc_auc" in m else "")
+                d_part += f" adv share {m['adv_share']:.3g}" if "adv_share" in m else ""
                 emit(f"stage {stage} step {step}: BLEU {m['bleu']:.4f} empty {m['empty']:.3f} "
                           f"repeat {m['repeat']:.3f} len {m['len']:.1f} self-BLEU {m['self_bleu']:.3f}"
                           + d_part + (" (best)" if improved else ""))
