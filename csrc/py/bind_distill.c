@@ -74,24 +74,36 @@ static int parse_disc(const char *kind_name, PyObject *ho, npy_intp H, DiscKind 
     return 0;
 }
 
+/* The arguments disc_logits and disc_backward share: hidden [B,L,H] (s = its shape),
+ * mask [B,L], the kind and its head. 0, or -1 with the exception set. */
+typedef struct {
+    npy_intp s[3];
+    PyArrayObject *h, *m, *w;
+    DiscKind kind;
+    float bias;
+} DiscArgs;
+
+static int disc_args(DiscArgs *a, PyObject *ho, PyObject *mo, const char *kind_name, PyObject *heado) {
+    a->s[0] = a->s[1] = a->s[2] = -1;
+    a->h = check_ble(ho, "hidden", a->s);
+    a->m = a->h ? check_array(mo, "mask", NPY_FLOAT32, 2, a->s, 0) : NULL;
+    if (!a->m) return -1;
+    return parse_disc(kind_name, heado, a->s[2], &a->kind, &a->w, &a->bias);
+}
+
 static PyObject *py_disc_logits(PyObject *mod, PyObject *args) {
     PyObject *ho, *mo, *heado = Py_None;
     const char *kind_name;
+    DiscArgs a;
     if (!PyArg_ParseTuple(args, "OOs|O", &ho, &mo, &kind_name, &heado)) return NULL;
-    npy_intp s[3] = {-1, -1, -1};
-    PyArrayObject *h = check_ble(ho, "hidden", s);
-    PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
-    if (!m) return NULL;
-    DiscKind kind;
-    PyArrayObject *w;
-    float bias;
-    if (parse_disc(kind_name, heado, s[2], &kind, &w, &bias)) return NULL;
-    npy_intp os[2] = {s[0], (npy_intp)disc_logit_count(kind, (size_t)s[1], (size_t)s[2])};
+    if (disc_args(&a, ho, mo, kind_name, heado)) return NULL;
+    size_t B = (size_t)a.s[0], L = (size_t)a.s[1], H = (size_t)a.s[2];
+    npy_intp os[2] = {a.s[0], (npy_intp)disc_logit_count(a.kind, L, H)};
     PyObject *out = new_float_array(2, os);
     if (!out) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    disc_logits(fdata((PyArrayObject *)out), fdata(h), fdata(m), kind, w ? fdata(w) : NULL, bias,
-                (size_t)s[0], (size_t)s[1], (size_t)s[2]);
+    disc_logits(fdata((PyArrayObject *)out), fdata(a.h), fdata(a.m), a.kind, a.w ? fdata(a.w) : NULL,
+                a.bias, B, L, H);
     Py_END_ALLOW_THREADS
     return out;
 }
@@ -99,20 +111,15 @@ static PyObject *py_disc_logits(PyObject *mod, PyObject *args) {
 static PyObject *py_disc_backward(PyObject *mod, PyObject *args) {
     PyObject *go, *ho, *mo, *heado = Py_None;
     const char *kind_name;
+    DiscArgs a;
     if (!PyArg_ParseTuple(args, "OOOs|O", &go, &ho, &mo, &kind_name, &heado)) return NULL;
-    npy_intp s[3] = {-1, -1, -1};
-    PyArrayObject *h = check_ble(ho, "hidden", s);
-    PyArrayObject *m = h ? check_array(mo, "mask", NPY_FLOAT32, 2, s, 0) : NULL;
-    if (!m) return NULL;
-    DiscKind kind;
-    PyArrayObject *w;
-    float bias;
-    if (parse_disc(kind_name, heado, s[2], &kind, &w, &bias)) return NULL;
-    npy_intp gs[2] = {s[0], (npy_intp)disc_logit_count(kind, (size_t)s[1], (size_t)s[2])};
+    if (disc_args(&a, ho, mo, kind_name, heado)) return NULL;
+    size_t B = (size_t)a.s[0], L = (size_t)a.s[1], H = (size_t)a.s[2];
+    npy_intp gs[2] = {a.s[0], (npy_intp)disc_logit_count(a.kind, L, H)};
     PyArrayObject *g = check_array(go, "grad_logit", NPY_FLOAT32, 2, gs, 0);
     if (!g) return NULL;
-    npy_intp hs[1] = {s[2]};
-    PyObject *gh = new_float_array(3, s), *gw = PyArray_ZEROS(1, hs, NPY_FLOAT32, 0);
+    npy_intp hs[1] = {a.s[2]};
+    PyObject *gh = new_float_array(3, a.s), *gw = PyArray_ZEROS(1, hs, NPY_FLOAT32, 0);
     if (!gh || !gw) {
         Py_XDECREF(gh);
         Py_XDECREF(gw);
@@ -120,10 +127,10 @@ static PyObject *py_disc_backward(PyObject *mod, PyObject *args) {
     }
     float gb = 0.0f;
     Py_BEGIN_ALLOW_THREADS
-    disc_backward(fdata((PyArrayObject *)gh), fdata((PyArrayObject *)gw), &gb, fdata(g), fdata(h),
-                  fdata(m), kind, w ? fdata(w) : NULL, (size_t)s[0], (size_t)s[1], (size_t)s[2]);
+    disc_backward(fdata((PyArrayObject *)gh), fdata((PyArrayObject *)gw), &gb, fdata(g), fdata(a.h),
+                  fdata(a.m), a.kind, a.w ? fdata(a.w) : NULL, B, L, H);
     Py_END_ALLOW_THREADS
-    if (!w) {
+    if (!a.w) {
         Py_DECREF(gw);
         return Py_BuildValue("(NOO)", gh, Py_None, Py_None);
     }
