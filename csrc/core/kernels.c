@@ -327,22 +327,32 @@ uint32_t dropout_threshold(float p) {
     return t >= 4294967295.0 ? 4294967295u : (uint32_t)t;
 }
 
+/* One dropout site's mask: element i is kept when keep_bit(key, i, thr); kept values
+ * are scaled by 1/(1-p). */
+typedef struct {
+    uint64_t key;
+    uint32_t thr;
+    float scale;
+} DropoutSite;
+
+static DropoutSite dropout_site(float p, uint64_t seed, uint64_t site) {
+    DropoutSite ds = {site_key(seed, site), dropout_threshold(p), p > 0.0f ? 1.0f / (1.0f - p) : 1.0f};
+    return ds;
+}
+
 /* x *= mask/(1-p); used for both directions (the backward of dropout is itself). */
 void dropout_apply(float *x, size_t n, float p, uint64_t seed, uint64_t site, size_t base) {
     if (p <= 0.0f) return;
     DL_PROFILE_BEGIN;
-    uint64_t key = site_key(seed, site);
-    uint32_t thr = dropout_threshold(p);
-    float scale = 1.0f / (1.0f - p);
+    const DropoutSite ds = dropout_site(p, seed, site);
 #pragma omp parallel for schedule(static) if (n > DL_PAR_MIN)
-    for (size_t i = 0; i < n; i++) x[i] = keep_bit(key, base + i, thr) ? x[i] * scale : 0.0f;
+    for (size_t i = 0; i < n; i++) x[i] = keep_bit(ds.key, base + i, ds.thr) ? x[i] * ds.scale : 0.0f;
     DL_PROFILE_END(DL_K_DROPOUT);
 }
 
 /* Copy of one (b,h) probability block with dropout applied; block index base. */
-static void dropout_block(float *dst, const float *src, size_t n, size_t base, uint64_t key,
-                          uint32_t thr, float scale) {
-    for (size_t i = 0; i < n; i++) dst[i] = keep_bit(key, base + i, thr) ? src[i] * scale : 0.0f;
+static void dropout_block(float *dst, const float *src, size_t n, size_t base, const DropoutSite *ds) {
+    for (size_t i = 0; i < n; i++) dst[i] = keep_bit(ds->key, base + i, ds->thr) ? src[i] * ds->scale : 0.0f;
 }
 
 static void softmax_rows(float *P, size_t L) {
@@ -373,9 +383,7 @@ void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_
     DL_PROFILE_BEGIN;
     size_t d = H / A, ld = 3 * H;
     float scale = 1.0f / sqrtf((float)d);
-    uint64_t key = site_key(seed, site);
-    uint32_t thr = dropout_threshold(p);
-    float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    const DropoutSite ds = dropout_site(p, seed, site);
 #pragma omp parallel num_threads(threads) if (B * A * L * L * d > DL_PAR_MIN)
     {
         /* probabilities after dropout */
@@ -389,7 +397,7 @@ void attention_forward(float *ctx, float *att, const float *qkv, size_t B, size_
             softmax_rows(P, L);
             const float *Pd = P;
             if (dropped) {
-                dropout_block(dropped, P, L * L, base + bh * L * L, key, thr, keep_scale);
+                dropout_block(dropped, P, L * L, base + bh * L * L, &ds);
                 Pd = dropped;
             }
             sgemm_block(0, 0, L, d, L, 1.0f, Pd, L, v, ld, 0.0f, ctx + b * L * H + h * d, H);
@@ -404,9 +412,7 @@ void attention_backward(float *dqkv, const float *dctx, const float *att, const 
     DL_PROFILE_BEGIN;
     size_t d = H / A, ld = 3 * H;
     float scale = 1.0f / sqrtf((float)d);
-    uint64_t key = site_key(seed, site);
-    uint32_t thr = dropout_threshold(p);
-    float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    const DropoutSite ds = dropout_site(p, seed, site);
 #pragma omp parallel num_threads(threads) if (B * A * L * L * d > DL_PAR_MIN)
     {
         /* dP: gradient of the probabilities, then of the scores; Pd: P after dropout */
@@ -420,14 +426,14 @@ void attention_backward(float *dqkv, const float *dctx, const float *att, const 
             const float *P = att + bh * L * L, *dc = dctx + b * L * H + h * d;
             const float *Pused = P;
             if (Pd) {
-                dropout_block(Pd, P, L * L, base + bh * L * L, key, thr, keep_scale);
+                dropout_block(Pd, P, L * L, base + bh * L * L, &ds);
                 Pused = Pd;
             }
             sgemm_block(1, 0, L, d, L, 1.0f, Pused, L, dc, H, 0.0f, dv, ld);  /* dV = P^T dctx */
             sgemm_block(0, 1, L, L, d, 1.0f, dc, H, v, ld, 0.0f, dP, L);      /* dP = dctx V^T */
             if (Pd) { /* through the dropout mask: same mask, same scale */
                 for (size_t i = 0; i < L * L; i++)
-                    dP[i] = keep_bit(key, base + bh * L * L + i, thr) ? dP[i] * keep_scale : 0.0f;
+                    dP[i] = keep_bit(ds.key, base + bh * L * L + i, ds.thr) ? dP[i] * ds.scale : 0.0f;
             }
             for (size_t i = 0; i < L; i++) {
                 const float *pr = P + i * L;
