@@ -142,7 +142,7 @@ class TorchDistiller:
         if adv:
             logit = self._disc(self.psi.last_hidden, torch.cat([mask, mask]))
             bce = self._bce(logit, torch.cat([torch.zeros(B), torch.ones(B)]))
-            loss = loss + w.b_psi * 0.5 * (bce[:B].mean() + bce[B:].mean())
+            loss = loss + w.b_psi * c.disc_weight * self.E * 0.5 * (bce[:B].mean() + bce[B:].mean())
             out["psi_bce"] = bce.mean()
         self.opt_psi.zero_grad()
         loss.backward()
@@ -169,7 +169,7 @@ class TorchDistiller:
             loss, out = sid.mean(), {"sid": sid.mean()}
             if c.adversarial and w.b_g > 0:
                 bce = self._bce(self._disc(self.psi.last_hidden, mask), torch.ones(B))
-                loss = loss + w.b_g * c.adv_weight * bce.mean()
+                loss = loss + (w.b_g * c.adv_weight * n_entries * bce).mean()
                 out["g_bce"] = bce.mean()
             self.opt_g.zero_grad()
             loss.backward()

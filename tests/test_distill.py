@@ -408,7 +408,7 @@ def _torch_g_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, hea
     if config.adversarial and stage_w.b_g > 0:
         logit, weights, _ = _tdisc(torch, hidden, mt, config.disc_head, head)
         bce = _tbce(torch, logit, weights, torch.ones(B, dtype=torch.float64))
-        total = total + (stage_w.b_g * config.adv_weight * bce).mean()
+        total = total + (stage_w.b_g * config.adv_weight * mt.sum(1) * E * bce).mean()
     total.backward()
     grads = {k: (np.zeros(tuple(p.shape)) if p.grad is None else p.grad.numpy().copy())
              for k, p in tG.named_parameters(remove_duplicate=False)}
@@ -455,8 +455,10 @@ def test_g_step_gradient_matches_torch(rng, same, case):
                                          dist.weights, hd)
     assert set(got) == set(ref), set(got) ^ set(ref)
     assert any(np.any(ref[k]) for k in ref)
+    # float32 noise on structurally zero gradients (the key bias) scales with the largest one
+    atol = 1e-6 * max(1.0, max(float(np.abs(v).max()) for v in ref.values()))
     for k in ref:
-        assert_rel(got[k], ref[k], f"G grad {k}")
+        assert_rel(got[k], ref[k], f"G grad {k}", atol=atol)
     assert out["sid"] == pytest.approx(sid, rel=1e-4, abs=1e-4)
     assert out["omega"] == pytest.approx(omega, rel=1e-5)
     if bce is None:
@@ -491,7 +493,7 @@ def _torch_psi_step(torch, cfg, phi, G, psi, ids, mask, seed, config, stage_w, h
         logit, weights, thead = _tdisc(torch, tpsi.last_hidden, torch.cat([mt, mt]), config.disc_head, head)
         target = torch.cat([torch.zeros(B, dtype=torch.float64), torch.ones(B, dtype=torch.float64)])
         bce = _tbce(torch, logit, weights, target)
-        total = total + stage_w.b_psi * config.disc_weight * 0.5 * (bce[:B].mean() + bce[B:].mean())
+        total = total + stage_w.b_psi * config.disc_weight * cfg.emb_dim * 0.5 * (bce[:B].mean() + bce[B:].mean())
         lg = (torch.sigmoid(logit) * weights).sum(1).detach().numpy() - 0.5
         accs = (float((lg[:B] < 0).mean()), float((lg[B:] > 0).mean()))
     total.backward()
@@ -562,7 +564,7 @@ def test_monitor_gradient_share(rng, kind):
     assert m1["adv_share"] > 0
     for k in ("disc_acc_real", "disc_acc_fake", "disc_auc"):
         assert 0.0 <= m1[k] <= 1.0
-    dist.config.adv_weight = 3.0
+    dist.config.adv_weight *= 3.0
     m3 = dist.monitor(ids, mask, 11)
     assert m3["adv_share"] == pytest.approx(3.0 * m1["adv_share"], rel=1e-4)
     assert m3["disc_auc"] == m1["disc_auc"]
