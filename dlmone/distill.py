@@ -99,7 +99,7 @@ class DistillConfig(RunConfig):
     disc_weight: float = 6.0
     psi_warmup: int = 0             # ψ-only steps at the start of each stage (G frozen)
     adv_start: int = 0              # G's adversarial term is off before this step of a stage
-    g_ema: float = 0.0              # decay of an EMA of G that validation and the student use; 0: off
+    g_ema: float = 0.99             # decay of an EMA of G that validation and the student use; 0: off
     lr_g: float = 5e-5
     lr_psi: float = 2e-4
     clip_value: float = 1.0
