@@ -631,7 +631,8 @@ def distill(teacher_dir: PathLike, data: Union[Seq2SeqData, PathLike], config: D
         raise ValueError(f"stage must be 1, 2 or 'both', got {stage!r}")
     # validation generates with Student.generate's default batches of 256
     check_memory(estimate_memory(teacher.config, config.batch_size, "distill", eval_batch=min(config.eval_size, 256),
-                                 adversarial=config.adversarial), config.max_memory, "distill")
+                                 adversarial=config.adversarial, g_ema=config.g_ema > 0),
+                 config.max_memory, "distill")
     generator: Optional[np.ndarray] = None
     if stages == (2,):
         if from_dir is None:

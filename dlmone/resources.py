@@ -85,7 +85,8 @@ def workspace_bytes(config: ModelConfig, batch: int, length: Optional[int] = Non
 
 
 def estimate_memory(config: ModelConfig, batch_size: int, kind: str = "teacher",
-                    eval_batch: Optional[int] = None, adversarial: bool = True) -> Dict[str, int]:
+                    eval_batch: Optional[int] = None, adversarial: bool = True,
+                    g_ema: bool = False) -> Dict[str, int]:
     """Peak resident bytes of a run, by component, and their ``total``.
 
     ``kind="teacher"``: :func:`dlmone.teacher.train_teacher` with ``batch_size``: the
@@ -95,7 +96,8 @@ def estimate_memory(config: ModelConfig, batch_size: int, kind: str = "teacher",
     ``kind="distill"``: :func:`dlmone.distill.distill`: the frozen teacher φ, the
     generator G and ψ with gradients and Adam moments, ψ running on 2B rows when
     ``adversarial``, G generating ``eval_batch`` rows at validation, and the previous
-    stage's student during stage 2.
+    stage's student during stage 2. With ``g_ema`` the EMA of G and the network that
+    generates from it at validation (its own gradients buffer and workspace) come on top.
     """
     if kind not in ("teacher", "distill"):
         raise ValueError(f"kind must be 'teacher' or 'distill', got {kind!r}")
@@ -129,6 +131,10 @@ def estimate_memory(config: ModelConfig, batch_size: int, kind: str = "teacher",
             # with their gradient ([2B, L, H])
             "step_buffers": FLOAT * psi_batch * L * (8 * E + 2 * H),
         }
+        if g_ema:  # G_ema, and the validation network: parameters, gradients, workspace
+            parts["parameters"] += FLOAT * P * 2
+            parts["gradients"] += FLOAT * P
+            parts["activations"] += workspace_bytes(config, eval_batch, backward=False)
     parts["total"] = sum(parts.values())
     return parts
 

@@ -503,7 +503,8 @@ else:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the degeneration monitors of a 2-step student
         student = distill(out + "/teacher", data, config, out + "/run", progress=False, print_fn=lambda s: None)
-    estimate = estimate_memory(student.config, config.batch_size, "distill", eval_batch=config.eval_size)
+    estimate = estimate_memory(student.config, config.batch_size, "distill", eval_batch=config.eval_size,
+                               g_ema=config.g_ema > 0)
 print(json.dumps({"peak_growth": rss("VmHWM:") - base, "estimate": estimate}))
 """
 
