@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -421,7 +422,9 @@ def test_distill_a_recipe_teacher(recipe_run, data, tmp_path):
     run, teacher, _ = recipe_run
     cfg = DistillConfig(t_init=40, t_max=45, batch_size=8, steps=2, eval_every=2, eval_size=6,
                         log_every=1, save_every=2, lr_g=1e-3, lr_psi=1e-3)
-    student = distill(run / "teacher", data, cfg, tmp_path / "d", stage=1, **QUIET)
+    with warnings.catch_warnings():  # two steps of a tiny model: the degeneration monitors may fire
+        warnings.simplefilter("ignore", RuntimeWarning)
+        student = distill(run / "teacher", data, cfg, tmp_path / "d", stage=1, **QUIET)
     assert student.config.self_conditioning
     # the [MASK] vector stays the teacher's, like the word embeddings
     for name in ("mask_embedding", "word_embedding.weight"):
