@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 
 import dlmone
-from dlmone import checkpoint as ckpt
-from dlmone import teacher as teacher_mod
 from dlmone.builtin_task import make_builtin_task
 from dlmone.config_io import apply_overrides
 from dlmone.data import Seq2SeqData

@@ -43,7 +43,7 @@ def _setup(rng, T=20, B=3, seq_len=12):
     cfg = make_config(diffusion_steps=T, seq_len=seq_len)
     model = make_model(cfg, rng)
     d = Diffusion(T)
-    L, E, V = cfg.seq_len, cfg.emb_dim, cfg.vocab_size
+    L, V = cfg.seq_len, cfg.vocab_size
     src_tokens = rng.integers(0, V, size=(B, L))
     x_src = model.embed(src_tokens)
     mask = np.zeros((B, L), np.float32)
