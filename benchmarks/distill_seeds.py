@@ -34,7 +34,7 @@ def main() -> None:
 
     from dlmone.builtin_task import make_builtin_task
     from dlmone.data import Seq2SeqData
-    from dlmone.demo import measure_generation
+    from dlmone.demo import measure_baselines, measure_generation
     from dlmone.distill import DistillConfig, distill
     from dlmone.teacher import Teacher, TeacherConfig, train_teacher
 
@@ -50,7 +50,11 @@ def main() -> None:
     teacher = Teacher.load(work / "teacher" / "teacher")
     teacher_bleu = measure_generation(teacher, data.test, method="ancestral")["scores"]["bleu"]
     print(f"teacher, 2000 ancestral steps, {len(data.test)} test sources: BLEU {teacher_bleu:.4f}", flush=True)
-    result = {"machine": machine_info(), "teacher_bleu": teacher_bleu, "n_test": len(data.test), "variants": {}}
+    baselines = {b["name"]: b["scores"]["bleu"] for b in measure_baselines(teacher, data.test, data.train, data.valid)}
+    for name, bleu in baselines.items():
+        print(f"{name}: BLEU {bleu:.4f}", flush=True)
+    result = {"machine": machine_info(), "teacher_bleu": teacher_bleu, "baselines": baselines,
+              "n_test": len(data.test), "variants": {}}
     for name, fields in variants.items():
         runs = []
         for seed in args.seeds:
