@@ -23,6 +23,7 @@ from .data import Seq2SeqData, encode_pairs
 from .diffusion import Diffusion, derive_seed, make_timestep_sampler, training_loss
 from .distributed import LocalComm, world
 from .generator import SequenceModel
+from .metrics import bleu
 from .model import DiffusionTransformer, ModelConfig
 from .optim import EMA, AdamW, NonFiniteGuard
 from .resources import check_memory, estimate_memory, parse_bytes
@@ -71,6 +72,8 @@ class TeacherConfig(RunConfig):
     eval_size: int = 256
     eval_samples: int = 4         # generated examples shown at every validation
     eval_sample_steps: int = 20   # DDIM steps for those
+    eval_bleu: int = 0            # validation pairs scored by BLEU at every validation (0 = off)
+    eval_bleu_steps: int = 100    # DDIM steps (clamped) for that BLEU
     save_every: int = 1000
     keep_checkpoints: int = 2
     train_limit: Optional[int] = None
@@ -82,7 +85,10 @@ class TeacherConfig(RunConfig):
         if self.max_memory is not None:
             parse_bytes(self.max_memory)
         self.check_positive_ints(("seq_len", "diffusion_steps", "batch_size", "grad_accum", "steps",
-                                  "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints"))
+                                  "log_every", "eval_every", "eval_size", "save_every", "keep_checkpoints",
+                                  "eval_bleu_steps"))
+        if isinstance(self.eval_bleu, bool) or not isinstance(self.eval_bleu, int) or self.eval_bleu < 0:
+            raise ValueError(f"eval_bleu must be an int >= 0, got {self.eval_bleu!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if not self.lr > 0:
@@ -227,6 +233,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     rng = np.random.default_rng(config.seed)
     guard = NonFiniteGuard(config.max_bad_steps)
     step = 0
+    train_cpu_s = 0.0  # process CPU seconds spent in training steps (all threads, no validation)
     if start is not None:
         state = ckpt.load_tensors(start / "state.safetensors")
         expected = (model.params.size,)
@@ -240,6 +247,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
         if "guard" in run:  # absent from checkpoints of older versions
             guard.load_state_dict(run["guard"])
         step = int(run["step"])
+        train_cpu_s = float(run.get("train_cpu_s", 0.0))
         print_fn(f"resuming from {start} at step {step}")
     log = JsonlLog(out_dir / "log.jsonl", keep_through=step if start is not None else -1) \
         if comm.is_root else NullLog()
@@ -254,7 +262,8 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
             ckpt.save_tensors(tmp / "state.safetensors", tensors)
             (tmp / "run.json").write_text(json.dumps({
                 "config": config.to_dict(), "step": step, "opt_step": opt.step_count,
-                "rng": rng.bit_generator.state, "guard": guard.state_dict()}, indent=2))
+                "rng": rng.bit_generator.state, "guard": guard.state_dict(), "train_cpu_s": train_cpu_s},
+                indent=2))
             tokenizer.save(tmp)
 
         comm.check_identical(model.params, "teacher weights")
@@ -268,6 +277,12 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
         srcs = [p[0] for p in valid_pairs[:config.eval_samples]]
         outs = teacher.generate(srcs, steps=config.eval_sample_steps, method="ddim", seed=config.seed,
                                 comm=comm)
+        if config.eval_bleu:  # the curve of a budget study (benchmarks/budget_study.py)
+            scored = valid_pairs[:config.eval_bleu]
+            hyps = teacher.generate([p[0] for p in scored], steps=config.eval_bleu_steps, method="ddim",
+                                    seed=config.seed, comm=comm)
+            vl = {**vl, "bleu": bleu(hyps, [p[1] for p in scored]),
+                  "empty": float(np.mean([not h.strip() for h in hyps]))}
         return {"val": vl, "samples": [{"source": s, "reference": p[1], "recover": o}
                                        for s, p, o in zip(srcs, valid_pairs, outs)]}
 
@@ -278,6 +293,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     t_last, last_step, comm_last = time.perf_counter(), step, comm.seconds
     try:
         while step < config.steps:
+            cpu_before = time.process_time()
             opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
             model.zero_grad()
             loss_sum = {"loss": 0.0, "mse": 0.0, "nll": 0.0}
@@ -299,6 +315,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 opt.step()
                 ema.update(opt.step_count - 1)
             step += 1
+            train_cpu_s += time.process_time() - cpu_before
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 now = time.perf_counter()
@@ -307,10 +324,12 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 t_last, last_step, comm_last = now, step, comm.seconds
                 bar.set_postfix(loss=f"{loss_sum['loss']:.4f}", tok_s=f"{tps:,.0f}")
                 log.write(step=step, lr=opt.lr, tokens_per_s=tps, skipped_steps=guard.skipped,
+                          train_cpu_s=train_cpu_s,
                           **({"comm_s_per_step": comm_s} if comm.size > 1 else {}), **loss_sum)
             if step % config.eval_every == 0 or step == config.steps:
                 ev = evaluate()
-                log.write(step=step, **{f"val_{k}": v for k, v in ev["val"].items()}, samples=ev["samples"])
+                log.write(step=step, train_cpu_s=train_cpu_s, **{f"val_{k}": v for k, v in ev["val"].items()},
+                          samples=ev["samples"])
                 emit(f"step {step}: val loss {ev['val']['loss']:.4f} (mse {ev['val']['mse']:.4f}, "
                           f"nll {ev['val']['nll']:.4f})")
                 for s in ev["samples"][:2]:
