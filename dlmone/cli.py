@@ -43,6 +43,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         base["preset"] = args.preset
     if args.steps is not None:
         base["steps"] = args.steps
+    if args.precision is not None:
+        base["precision"] = args.precision
     config = _config(args, TeacherConfig, base)
     data = load_data(args.data, ("train", "valid"), config.train_limit)
     teacher = train_teacher(config, data, args.out, resume=not args.restart, progress=not args.quiet,
@@ -226,6 +228,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     base: Dict[str, Any] = {}
     if args.steps is not None:
         base["steps"] = args.steps
+    if args.precision is not None:
+        base["precision"] = args.precision
     config = _config(args, DistillConfig, base)
     data = load_data(args.data, ("train", "valid"))
     student = distill(args.teacher, data, config, args.out, stage=args.stage, from_dir=args.from_dir,
@@ -272,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON or TOML file of TeacherConfig fields")
     t.add_argument("--preset", choices=["tiny", "small", "diffuseq_base"])
     t.add_argument("--steps", type=int)
+    t.add_argument("--precision", choices=["float32", "bf16"],
+                   help="bf16: mixed-precision training on Intel AMX (float32 master weights)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (model.dropout=0.1)")
     t.add_argument("--out", required=True)
     t.add_argument("--restart", action="store_true", help="ignore checkpoints in --out")
@@ -284,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stage", default="both", choices=["1", "2", "both"])
     d.add_argument("--from", dest="from_dir", help="stage-1 run folder to continue from (--stage 2)")
     d.add_argument("--steps", type=int, help="steps per stage")
+    d.add_argument("--precision", choices=["float32", "bf16"],
+                   help="bf16: G and psi train in mixed precision on Intel AMX")
     d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override (distill.alpha=1.0)")
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_distill, set_prefix="distill.")

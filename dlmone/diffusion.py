@@ -210,9 +210,10 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
 
     at_zero = np.ascontiguousarray(t == 0)
     mse, grad_pred = _core.mse_loss(pred, x0, x0_mean, at_zero, w / np.float32(total))
-    logits = model.logits(x0).reshape(B * L, -1)
-    nll_pos = _core.cross_entropy(logits, tokens.reshape(-1), np.repeat(w / np.float32(total * L), L))
-    nll = nll_pos.reshape(B, L).mean(axis=1)
+    # the rounding loss; its gradients (the head's now, x0's below) with the backward
+    nll_pos, grad_x0 = model.tied_cross_entropy(
+        x0, tokens, np.broadcast_to((w / np.float32(total * L))[:, None], (B, L)), grads=backward)
+    nll = nll_pos.mean(axis=1)
     abar_last = np.float32(diffusion.alphas_cumprod[-1])
     prior = (abar_last * np.square(x0)).reshape(B, -1).mean(axis=1)
     per_example = mse + nll + prior
@@ -226,7 +227,6 @@ def training_loss(model: DiffusionTransformer, diffusion: Diffusion, tokens: np.
     if absorbed is not None:  # those inputs were the [MASK] vector, not a function of x0
         model.grads()["mask_embedding"] += grad_xt[absorbed].sum(axis=0)
         grad_xt[absorbed] = 0.0
-    grad_x0 = model.logits_backward(x0, logits.reshape(B, L, -1))
     grad_x0 += (w / np.float32(total))[:, None, None] * (2.0 * abar_last / (L * E)) * x0
     grad_x0 += diffusion.q_sample_backward(grad_xt, t, mask)
     target_grad = -grad_pred  # the MSE target is x0 (or x0_mean at t = 0)

@@ -102,6 +102,7 @@ class DistillConfig(RunConfig):
     psi_warmup: int = 0             # ψ-only steps at the start of each stage (G frozen)
     adv_start: int = 0              # G's adversarial term is off before this step of a stage
     g_ema: float = 0.99             # decay of an EMA of G that validation and the student use; 0: off
+    precision: str = "float32"      # or "bf16": G's and ψ's products in mixed precision on AMX
     lr_g: float = 5e-5
     lr_psi: float = 2e-4
     clip_value: float = 1.0
@@ -138,6 +139,8 @@ class DistillConfig(RunConfig):
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if not 0.0 <= self.g_ema < 1.0:
             raise ValueError(f"g_ema must be in [0, 1), got {self.g_ema}")
+        if self.precision not in DiffusionTransformer.PRECISIONS:
+            raise ValueError(f"precision must be one of {DiffusionTransformer.PRECISIONS}, got {self.precision!r}")
         for name in ("adv_weight", "disc_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -212,6 +215,7 @@ class Distiller:
         config.check_against(self.diffusion.T)
         self.G = DiffusionTransformer(mcfg)
         self.psi = DiffusionTransformer(mcfg)
+        self.G.precision = self.psi.precision = config.precision
         self.G.copy_from(self.phi)
         if generator_params is not None:
             np.copyto(self.G.params, generator_params)

@@ -145,10 +145,13 @@ class DiffusionTransformer:
     ``forward`` keeps the activations that ``backward`` needs; one model is used by
     one thread at a time (a second thread gets a RuntimeError, never a race).
 
-    ``inference_precision = "bf16"`` runs the linear layers of inference forwards
-    (``train=False``) with bf16 inputs and float32 accumulation on Intel AMX, about 2x
-    faster on ``diffuseq_base``; training and any forward followed by ``backward`` need
-    float32. The bf16 copy of the weights is refreshed whenever the parameters change.
+    ``precision = "bf16"`` is mixed-precision training and inference on Intel AMX: every
+    linear layer's product (forward, both backward products, and the tied logits) takes
+    bf16 inputs and accumulates in float32; parameters, gradients, the optimiser, LayerNorm,
+    softmax, attention and the losses stay float32. ``inference_precision = "bf16"`` does
+    the same for inference forwards (``train=False``) only, with a bf16 copy of the weights
+    packed once and refreshed whenever the parameters change (about 2x faster on
+    ``diffuseq_base``). The backward of a bf16 forward runs its products in bf16.
     """
 
     PRECISIONS = ("float32", "bf16")
@@ -172,19 +175,34 @@ class DiffusionTransformer:
         self._grads = self._views(self.grad_buffer)
         self.dropout_calls = 0  # advances the dropout stream of train-mode forwards
         self._precision = "float32"
+        self._inference_precision = "float32"
+
+    @classmethod
+    def _check_precision(cls, name: str, value: str) -> str:
+        if value not in cls.PRECISIONS:
+            raise ValueError(f"{name} must be one of {cls.PRECISIONS}, got {value!r}")
+        if value == "bf16" and not _core.build_info()["amx_bf16"]:
+            raise RuntimeError(f"{name}='bf16' needs a CPU with AMX-BF16 (Intel Sapphire Rapids or "
+                               "later); this machine or build has none")
+        return value
+
+    @property
+    def precision(self) -> str:
+        """Of every product, training included: "float32" (default) or "bf16"."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = self._check_precision("precision", value)
 
     @property
     def inference_precision(self) -> str:
-        return self._precision
+        """Of inference forwards (which run in bf16 when this or ``precision`` says so)."""
+        return self._inference_precision
 
     @inference_precision.setter
     def inference_precision(self, value: str) -> None:
-        if value not in self.PRECISIONS:
-            raise ValueError(f"inference_precision must be one of {self.PRECISIONS}, got {value!r}")
-        if value == "bf16" and not _core.build_info()["amx_bf16"]:
-            raise RuntimeError("bf16 inference needs a CPU with AMX-BF16 (Intel Sapphire Rapids or "
-                               "later); this machine or build has none")
-        self._precision = value
+        self._inference_precision = self._check_precision("inference_precision", value)
 
     def _views(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
         views = {name: flat[off:off + int(np.prod(shape))].reshape(shape)
@@ -232,7 +250,7 @@ class DiffusionTransformer:
         if train and seed is None:
             seed = (self.seed * 1_000_003 + self.dropout_calls) & (2**64 - 1)
             self.dropout_calls += 1
-        bf16 = not train and self._precision == "bf16"
+        bf16 = self._precision == "bf16" or (not train and self._inference_precision == "bf16")
         sc = None if x_self_cond is None else as_float32(x_self_cond, "x_self_cond")
         return self._core.forward(x, tf, bool(train), int(seed or 0) & (2**64 - 1), bf16,
                                   int(row_offset), sc)
@@ -253,10 +271,31 @@ class DiffusionTransformer:
 
     def logits(self, h: Any) -> np.ndarray:
         """Tied output head: h·Wᵀ + b over the word embedding W, [...,E] -> [...,V]."""
-        return self._core.logits(as_float32(h, "h"))
+        return self._core.logits(as_float32(h, "h"), self._precision == "bf16")
 
     def logits_backward(self, h: Any, grad_logits: Any) -> np.ndarray:
-        return self._core.logits_backward(as_float32(h, "h"), as_float32(grad_logits, "grad_logits"))
+        return self._core.logits_backward(as_float32(h, "h"), as_float32(grad_logits, "grad_logits"),
+                                          self._precision == "bf16")
+
+    def tied_cross_entropy(self, h: Any, tokens: Any, scale: Any,
+                           grads: bool = True) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The rounding loss through the tied head without materialising the logits:
+        per row of h [..., E], nll = -log softmax(h·Wᵀ + b)[token] (shape of tokens). With
+        ``grads``, also d(Σ scale·nll)/dh [..., E], and the word_embedding and
+        lm_head.bias gradients accumulate that sum's; else (nll, None)."""
+        h = as_float32(h, "h")
+        tok = np.asarray(tokens)
+        if tok.dtype.kind not in "iu":
+            raise TypeError(f"tokens must be integers, got {tok.dtype}")
+        if h.shape[:-1] != tok.shape:
+            raise ValueError(f"tokens have shape {tok.shape}, h {h.shape}: expected h = tokens.shape + (E,)")
+        sc = as_float32(scale, "scale")
+        if sc.shape != tok.shape:
+            raise ValueError(f"scale has shape {sc.shape}, expected {tok.shape}")
+        E = h.shape[-1]
+        nll, dh = self._core.tied_cross_entropy(h.reshape(-1, E), tok.reshape(-1).astype(np.int64),
+                                                sc.reshape(-1), bool(grads), self._precision == "bf16")
+        return nll.reshape(tok.shape), None if dh is None else dh.reshape(h.shape)
 
     def embed(self, tokens: Any) -> np.ndarray:
         """Word embeddings of token ids [B,L] -> [B,L,E]."""

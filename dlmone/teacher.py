@@ -67,6 +67,7 @@ class TeacherConfig(RunConfig):
     ema_warmup: bool = True
     timestep_sampler: str = "lossaware"
     soft_absorb: float = 0.0
+    precision: str = "float32"    # or "bf16": mixed-precision products on AMX (DiffusionTransformer.precision)
     log_every: int = 20
     eval_every: int = 500
     eval_size: int = 256
@@ -103,6 +104,8 @@ class TeacherConfig(RunConfig):
         if self.preset not in ModelConfig.PRESETS:
             raise ValueError(f"preset must be one of {ModelConfig.PRESETS}, got {self.preset!r}")
         make_timestep_sampler(self.timestep_sampler, 1)
+        if self.precision not in DiffusionTransformer.PRECISIONS:
+            raise ValueError(f"precision must be one of {DiffusionTransformer.PRECISIONS}, got {self.precision!r}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         kw = dict(self.model)
@@ -227,6 +230,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     vids, vmask = encode_pairs(valid_pairs, tokenizer, mcfg.seq_len)
 
     model = DiffusionTransformer(mcfg, seed=config.seed)
+    model.precision = config.precision  # RuntimeError before any work where AMX-BF16 is missing
     opt = AdamW(model, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
     sampler = make_timestep_sampler(config.timestep_sampler, diffusion.T)

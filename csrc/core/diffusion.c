@@ -1,5 +1,7 @@
 /* Diffusion kernels: schedule, noising, loss terms, sampler steps, decoding. */
 #include "diffusion.h"
+#include "amx.h"
+#include "kernels.h"
 #include "mathfun.h"
 
 #include <float.h>
@@ -97,6 +99,78 @@ void cross_entropy(float *nll, float *logits, const int64_t *target, const float
         z[y] -= scale[m];
     }
     DL_PROFILE_END(DL_K_LOSS);
+}
+
+/* Rows per chunk of tied_cross_entropy: its float32 logits stay near 1 MiB (a multiple
+ * of 32 rows, the AMX block). A function of V only, so the chunks never depend on threads. */
+static size_t tce_chunk_rows(size_t V) {
+    size_t r = ((size_t)1 << 18) / V / 32 * 32;
+    return r < 32 ? 32 : r > 512 ? 512 : r;
+}
+
+/* The bf16 operands of tied_cross_entropy, carved out of one allocation. */
+typedef struct {
+    uint16_t *w_logits, *w_dh; /* W as op(B) of h W^T (K = E) and of G W (K = V) */
+    uint16_t *h_rows, *h_tiles, *g_rows, *g_cols;
+} TceBf16;
+
+static size_t tce_bf16_elems(size_t R, size_t E, size_t V) {
+    return amx_packed_weight_size(V, E) + amx_packed_weight_size(E, V) +
+           amx_input_size(R, E) + amx_packed_weight_size(E, R) + amx_input_size(R, V) +
+           amx_input_size(V, R);
+}
+
+int tied_cross_entropy(float *nll, float *dh, float *dW, float *db, const float *h, const float *W,
+                       const float *b, const int64_t *target, const float *scale, size_t M,
+                       size_t E, size_t V, int bf16) {
+    size_t R = tce_chunk_rows(V), n_logits, n_bf16 = 0, bytes;
+    if (dl_mul_overflows(R, V, &n_logits)) return -1;
+    if (bf16) {
+        n_bf16 = tce_bf16_elems(R, E, V);
+    }
+    if (dl_mul_overflows(n_logits, sizeof(float), &bytes) || bytes + n_bf16 * sizeof(uint16_t) < bytes)
+        return -1;
+    float *S = malloc(bytes + n_bf16 * sizeof(uint16_t));
+    if (!S) return -1;
+    TceBf16 p = {0};
+    if (bf16) {
+        p.w_logits = (uint16_t *)(S + n_logits);
+        p.w_dh = p.w_logits + amx_packed_weight_size(V, E);
+        p.h_rows = p.w_dh + amx_packed_weight_size(E, V);
+        p.h_tiles = p.h_rows + amx_input_size(R, E);
+        p.g_rows = p.h_tiles + amx_packed_weight_size(E, R);
+        p.g_cols = p.g_rows + amx_input_size(R, V);
+        amx_pack_b(p.w_logits, 1, W, E, E, V);
+        if (dh) amx_pack_b(p.w_dh, 0, W, E, V, E);
+    }
+    Epilogue bias = {EPI_BIAS, b, NULL, NULL};
+    for (size_t m0 = 0; m0 < M; m0 += R) {
+        size_t r = M - m0 < R ? M - m0 : R;
+        const float *hc = h + m0 * E;
+        if (bf16) {
+            amx_pack_a(p.h_rows, 0, hc, E, r, E);
+            amx_packed_product(r, V, E, 1.0f, p.h_rows, p.w_logits, 0.0f, S, V, &bias);
+        } else {
+            matmul_epilogue(0, 1, r, V, E, 1.0f, hc, E, W, E, 0.0f, S, V, &bias);
+        }
+        cross_entropy(nll + m0, S, target + m0, scale + m0, r, V);
+        if (!dh) continue;
+        float *dhc = dh + m0 * E;
+        if (bf16) {
+            amx_pack_a(p.g_rows, 0, S, V, r, V);
+            amx_packed_product(r, E, V, 1.0f, p.g_rows, p.w_dh, 0.0f, dhc, E, NULL);
+            amx_pack_a(p.g_cols, 1, S, V, V, r);
+            amx_pack_b(p.h_tiles, 0, hc, E, r, E);
+            amx_packed_product(V, E, r, 1.0f, p.g_cols, p.h_tiles, 1.0f, dW, E, NULL);
+        } else if (matmul(0, 0, r, E, V, 1.0f, S, V, W, E, 0.0f, dhc, E) ||
+                   matmul(1, 0, V, E, r, 1.0f, S, V, hc, E, 1.0f, dW, E)) {
+            free(S);
+            return -1;
+        }
+        colsum_accumulate(db, S, r, V);
+    }
+    free(S);
+    return 0;
 }
 
 #define ARGMAX_ROWS 64

@@ -26,6 +26,17 @@ void mse_loss(float *mse, float *grad_f, const float *f, const float *x0, const 
 void cross_entropy(float *nll, float *logits, const int64_t *target, const float *scale,
                    size_t M, size_t V);
 
+/* The rounding loss through the tied head, fused: per row m, nll[m] = -log softmax(h[m] W^T
+ * + b)[target[m]], and with dh (not NULL) dh[m] = scale[m] (softmax - onehot) W and
+ * dW += G^T h, db += sum_m G[m] for G[m] = scale[m] (softmax - onehot). The [M, V] logits
+ * are never whole: rows go in fixed chunks, one after another (bitwise the same for any
+ * thread count), each chunk's logits staying in cache through its three products. With
+ * bf16 the products take bf16 inputs on AMX, W packed once a call. 0, or -1 when the
+ * scratch cannot be allocated (nothing written then). E and V <= DL_BLAS_MAX. */
+int tied_cross_entropy(float *nll, float *dh, float *dW, float *db, const float *h, const float *W,
+                       const float *b, const int64_t *target, const float *scale, size_t M,
+                       size_t E, size_t V, int bf16);
+
 /* tokens[m] = argmax_v (x[m] . W[v] + c[v]) for the rows with active[m] (all if NULL).
  * E and V must be <= DL_BLAS_MAX. 0, or -1 when its scratch cannot be allocated. */
 int affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,

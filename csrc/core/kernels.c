@@ -1,5 +1,6 @@
 /* Layer kernels of the DiffuSeq transformer, forward and backward. */
 #include "kernels.h"
+#include "amx.h"
 #include "mathfun.h"
 
 /* Fixed block size for column reductions: the same blocks (hence bitwise the same
@@ -117,6 +118,12 @@ int matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, c
                     size_t lda, const float *B, size_t ldb, float beta, float *C, size_t ldc,
                     const Epilogue *epi) {
     if (M == 0 || N == 0) return 0;
+    Bf16Products *bf16 = dl_bf16_products;
+    /* (K < 2^26: the packers' int32 scatter offsets) */
+    if (bf16 && K < ((size_t)1 << 26) && amx_matmul_scratch(M, N, K) <= bf16->elems) {
+        amx_matmul(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, epi, bf16->scratch);
+        return 0;
+    }
     DL_PROFILE_BEGIN;
     int plain = !epi || epi->kind == EPI_NONE;
     TilePlan plan = tile_plan(M, N, K, plain);

@@ -24,6 +24,17 @@ typedef struct {
 void apply_epilogue(const Epilogue *e, float *C, size_t ldc, size_t m0, size_t m1, size_t n0,
                     size_t n1);
 
+/* The products of a mixed-precision (bf16) model call. While the calling thread's
+ * dl_bf16_products points at a scratch, its matmul_epilogue calls round both inputs to
+ * bf16 and run on AMX with float32 accumulation (amx_matmul), or in float32 when the
+ * scratch is too small for a product. Set by the model around one call, on the calling
+ * thread only: OpenMP workers never read it. */
+typedef struct {
+    uint16_t *scratch;
+    size_t elems;
+} Bf16Products;
+extern _Thread_local Bf16Products *dl_bf16_products;
+
 /* C[M,N] = alpha*op(A)*op(B) + beta*C, row-major, in tiles whose plan depends on the
  * shape only, spread over OpenMP threads; each tile gets the epilogue (may be NULL).
  * Every size and leading dimension must be <= DL_BLAS_MAX (the callers check).

@@ -4,6 +4,7 @@
 #include <stdarg.h>
 
 #include "amx.h"
+#include "diffusion.h"
 #include "kernels.h"
 
 /* Dropout sites: 0 after the embedding LayerNorm, then three per layer. */
@@ -389,6 +390,7 @@ int model_init(Model *m, const ModelDims *d, uint64_t seed, const char **err, in
 }
 
 void model_free(Model *m) {
+    free(m->bf16_products.scratch);
     free(m->bf16_w);
     free(m->bf16_x);
     free(m->bf16_offsets);
@@ -470,6 +472,48 @@ int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err) {
     return 0;
 }
 
+static size_t max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+/* The scratch of a linear layer's three products over M rows: y = x W^T, dx = dy W, dW = dy^T x. */
+static size_t linear_products_scratch(size_t M, size_t in, size_t out) {
+    return max3(amx_matmul_scratch(M, out, in), amx_matmul_scratch(M, in, out),
+                amx_matmul_scratch(out, in, M));
+}
+
+int model_prepare_bf16_products(Model *m, size_t M, const char **err) {
+    if (!amx_available()) {
+        *err = "bf16 needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later) and a kernel "
+               "that grants AMX state";
+        return -1;
+    }
+    /* M and the widths are below 2^31 (checked by the callers), so these sizes fit size_t */
+    size_t need = linear_products_scratch(M, m->d.E, m->d.V), bytes;
+    for (size_t i = 0; i < m->lay.n_linear; i++) {
+        const LinearParams *p = &m->lay.linear[i];
+        size_t n = linear_products_scratch(M, p->in, p->out);
+        need = n > need ? n : need;
+    }
+    if (need <= m->bf16_products.elems) return 0;
+    if (dl_mul_overflows(need, sizeof(uint16_t), &bytes)) {
+        *err = "bf16 product scratch too large";
+        return -1;
+    }
+    uint16_t *scratch = malloc(bytes);
+    if (!scratch) {
+        *err = "out of memory for the bf16 product scratch";
+        return -1;
+    }
+    free(m->bf16_products.scratch);
+    m->bf16_products.scratch = scratch;
+    m->bf16_products.elems = need;
+    return 0;
+}
+
+/* Routes the calling thread's products to bf16 (on) or float32 until the next call. */
+static void use_bf16_products(Model *m, int on) {
+    dl_bf16_products = on ? &m->bf16_products : NULL;
+}
+
 /* ---------- forward ---------- */
 
 /* y = x W^T + b (and act = gelu(y) when act is not NULL), in bf16 when asked. */
@@ -514,6 +558,9 @@ void model_forward(Model *m, const float *x, const float *x_sc, const float *t, 
     size_t M = B * L, E = d->E, H = d->H, T4 = 4 * d->Dt;
     float p = train ? d->dropout : 0.0f;
     m->last_row0 = row0; /* read by the dropout calls of forward and backward */
+    int mixed = bf16 && train; /* a training forward packs every product's operands */
+    use_bf16_products(m, mixed);
+    if (mixed) bf16 = 0;
 
     if (d->self_cond) { /* input rows [x | x_sc] */
 #pragma omp parallel for schedule(static) if (M * E > DL_PAR_MIN)
@@ -563,10 +610,11 @@ void model_forward(Model *m, const float *x, const float *x_sc, const float *t, 
     } else {
         memcpy(y, h, M * H * sizeof(float));
     }
+    use_bf16_products(m, 0);
     m->has_forward = 1;
     m->last_train = train;
     m->last_seed = seed;
-    m->last_bf16 = bf16;
+    m->last_bf16 = bf16 || mixed;
 }
 
 const float *model_hidden(const Model *m) { return m->act.layers[m->d.N - 1].ln2; }
@@ -632,7 +680,7 @@ static int layer_backward(Model *m, size_t l, const float *x_in, float p, uint64
     return linear_grad(m, a->g1, lp->qkv, a->gqkv, x_in, M, 1, pg);
 }
 
-int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int pg) {
+static int backward_pass(Model *m, const float *dy, const float *dhidden, float *dx, int pg) {
     const ModelDims *d = &m->d;
     const ParamLayout *lay = &m->lay;
     Activations *a = &m->act;
@@ -697,13 +745,35 @@ int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, i
     return 0;
 }
 
-void model_logits(const Model *m, const float *h, float *out, size_t M) {
-    const float *P = m->params;
-    /* with a bias the product never splits K, so it cannot fail */
-    linear_forward(out, h, P + m->lay.word_emb, P + m->lay.lm_bias, M, m->d.E, m->d.V);
+/* A bf16 forward (inference or training) gets its backward's products in bf16 too. */
+int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, int pg) {
+    use_bf16_products(m, m->last_bf16);
+    int r = backward_pass(m, dy, dhidden, dx, pg);
+    use_bf16_products(m, 0);
+    return r;
 }
 
-int model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M) {
-    return linear_backward(dh, m->grads + m->lay.word_emb, m->grads + m->lay.lm_bias, dlogits, h,
-                           m->params + m->lay.word_emb, M, m->d.E, m->d.V, 0);
+void model_logits(Model *m, const float *h, float *out, size_t M, int bf16) {
+    const float *P = m->params;
+    use_bf16_products(m, bf16);
+    /* with a bias the product never splits K, so it cannot fail */
+    linear_forward(out, h, P + m->lay.word_emb, P + m->lay.lm_bias, M, m->d.E, m->d.V);
+    use_bf16_products(m, 0);
+}
+
+int model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M,
+                          int bf16) {
+    use_bf16_products(m, bf16);
+    int r = linear_backward(dh, m->grads + m->lay.word_emb, m->grads + m->lay.lm_bias, dlogits, h,
+                            m->params + m->lay.word_emb, M, m->d.E, m->d.V, 0);
+    use_bf16_products(m, 0);
+    return r;
+}
+
+int model_tied_cross_entropy(Model *m, const float *h, const int64_t *target, const float *scale,
+                             float *nll, float *dh, size_t M, int bf16) {
+    const ParamLayout *lay = &m->lay;
+    return tied_cross_entropy(nll, dh, m->grads + lay->word_emb, m->grads + lay->lm_bias, h,
+                              m->params + lay->word_emb, m->params + lay->lm_bias, target, scale,
+                              M, m->d.E, m->d.V, bf16);
 }

@@ -4,6 +4,7 @@
 #define DLMONE_MODEL_H
 
 #include "common.h"
+#include "kernels.h"
 
 typedef struct {
     size_t V, E, H, N, A, F, Dt, P; /* P = max positions */
@@ -98,6 +99,8 @@ typedef struct {
     uint16_t *bf16_w, *bf16_x;
     size_t bf16_x_size, *bf16_offsets; /* bf16_offsets[i]: packed offset of linear layer i */
     uint64_t bf16_hash;
+    /* mixed-precision training: the scratch of every bf16 product (kernels.h) */
+    Bf16Products bf16_products;
 } Model;
 
 /* 0 when the dims are valid and the parameters fit DL_MAX_FLOATS; else -1 with *err
@@ -125,11 +128,18 @@ void model_free(Model *m);
  * changed, sizes the input buffer. 0 or -1 with *err set. */
 int model_prepare_bf16(Model *m, size_t B, size_t L, const char **err);
 
+/* Before mixed-precision (bf16) calls over M = B*L rows (a training forward, the
+ * backward of a bf16 forward, the tied logits and their backward): checks AMX and sizes
+ * the scratch of the largest product. 0 or -1 with *err set. */
+int model_prepare_bf16_products(Model *m, size_t M, const char **err);
+
 /* x[B,L,E], t[B] (model-scale timesteps), y[B,L,E]; x_sc[B,L,E] is the self-conditioning
  * input of a self_cond model (NULL: zeros; ignored without self_cond). The rows are
  * rows row0.. of a larger batch as far as dropout masks go (data-parallel shards get
- * the whole batch's masks). With bf16 (inference only, after model_prepare_bf16) the linear layers run
- * in bf16 on AMX. */
+ * the whole batch's masks). With bf16 the linear layers run in bf16 on AMX: an
+ * inference forward (after model_prepare_bf16) with weights packed once, a training
+ * forward (after model_prepare_bf16_products) packing both operands of every product,
+ * as does the backward of any bf16 forward. */
 void model_forward(Model *m, const float *x, const float *x_sc, const float *t, float *y,
                    size_t B, size_t L, int train, uint64_t seed, size_t row0, int bf16);
 /* dy[B,L,E], dhidden[B,L,H] or NULL, dx[B,L,E] or NULL (with respect to x only: the
@@ -140,8 +150,16 @@ int model_backward(Model *m, const float *dy, const float *dhidden, float *dx, i
 /* The last encoder layer's output of the last forward, [B,L,H]. */
 const float *model_hidden(const Model *m);
 
-void model_logits(const Model *m, const float *h, float *out, size_t M);
+/* The tied logits h W_emb^T + b over M rows, and their backward; with bf16 in mixed
+ * precision (after model_prepare_bf16_products). */
+void model_logits(Model *m, const float *h, float *out, size_t M, int bf16);
+/* The rounding loss through the tied head over M rows of h (diffusion.h's
+ * tied_cross_entropy with the model's word embedding and head bias): nll[M], and with dh
+ * dh[M,E] and the two parameters' gradients accumulated. 0, or -1 out of memory. */
+int model_tied_cross_entropy(Model *m, const float *h, const int64_t *target, const float *scale,
+                             float *nll, float *dh, size_t M, int bf16);
 /* 0, or -1 out of memory (see model_backward). */
-int model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M);
+int model_logits_backward(Model *m, const float *h, const float *dlogits, float *dh, size_t M,
+                          int bf16);
 
 #endif

@@ -1,5 +1,6 @@
 /* Per-kernel timers (see profile.h). */
 #include "profile.h"
+#include "kernels.h"
 
 #include <time.h>
 
@@ -10,6 +11,10 @@ const char *const dl_kernel_names[DL_K_COUNT] = {
     "distill"};
 
 int dl_profile_on = 0;
+
+/* kernels.h's mixed-precision switch: global data of the core lives in files compiled
+ * once, so that every ISA level shares it. */
+_Thread_local Bf16Products *dl_bf16_products = NULL;
 static uint64_t calls_[DL_K_COUNT], ns_[DL_K_COUNT];
 
 uint64_t dl_now_ns(void) {

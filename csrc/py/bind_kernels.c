@@ -1,6 +1,7 @@
 /* Glue exposing single layer kernels, for kernel-level tests (finite differences,
  * accuracy of the vectorised math) and for benchmarks. */
 #include "args.h"
+#include "amx.h"
 #include "kernels.h"
 #include "mathfun.h"
 
@@ -219,6 +220,59 @@ static PyObject *py_linear(PyObject *mod, PyObject *args) {
     return y;
 }
 
+static PyObject *py_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"a", "b", "trans_a", "trans_b", "bf16", NULL};
+    PyObject *ao, *bo;
+    int ta = 0, tb = 0, bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|ppp", kwlist, &ao, &bo, &ta, &tb, &bf16))
+        return NULL;
+    PyArrayObject *a = check_array(ao, "a", NPY_FLOAT32, 2, NULL, 0);
+    if (!a) return NULL;
+    npy_intp M = PyArray_DIM(a, ta ? 1 : 0), K = PyArray_DIM(a, ta ? 0 : 1);
+    npy_intp bs[2] = {tb ? -1 : K, tb ? K : -1};
+    PyArrayObject *b = check_array(bo, "b", NPY_FLOAT32, 2, bs, 0);
+    if (!b) return NULL;
+    npy_intp N = PyArray_DIM(b, tb ? 0 : 1), cs[2] = {M, N};
+    if (check_blas_size("the rows of a", (size_t)PyArray_DIM(a, 0)) ||
+        check_blas_size("the columns of a", (size_t)PyArray_DIM(a, 1)) ||
+        check_blas_size("the rows of b", (size_t)PyArray_DIM(b, 0)) ||
+        check_blas_size("the columns of b", (size_t)PyArray_DIM(b, 1)))
+        return NULL;
+    Bf16Products products = {NULL, 0};
+    if (bf16) {
+        if (!amx_available()) {
+            PyErr_SetString(PyExc_RuntimeError, "bf16 needs a CPU with AMX-BF16 (Intel Sapphire "
+                                                "Rapids or later); this machine or build has none");
+            return NULL;
+        }
+        size_t bytes;
+        products.elems = amx_matmul_scratch((size_t)M, (size_t)N, (size_t)K);
+        if (dl_mul_overflows(products.elems, sizeof(uint16_t), &bytes) ||
+            !(products.scratch = malloc(bytes ? bytes : 1)))
+            return PyErr_NoMemory();
+    }
+    PyObject *c = new_float_array(2, cs);
+    if (!c) {
+        free(products.scratch);
+        return NULL;
+    }
+    const float *ad = fdata(a), *bd = fdata(b);
+    float *cd = fdata((PyArrayObject *)c);
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    dl_bf16_products = bf16 ? &products : NULL;
+    failed = matmul(ta, tb, (size_t)M, (size_t)N, (size_t)K, 1.0f, ad, (size_t)PyArray_DIM(a, 1), bd,
+                    (size_t)PyArray_DIM(b, 1), 0.0f, cd, (size_t)N);
+    dl_bf16_products = NULL;
+    Py_END_ALLOW_THREADS
+    free(products.scratch);
+    if (failed) {
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    return c;
+}
+
 static PyObject *py_set_profiling(PyObject *mod, PyObject *args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
@@ -248,6 +302,9 @@ static PyObject *py_profile(PyObject *mod, PyObject *args, PyObject *kw) {
 
 PyMethodDef kernel_methods[] = {
     {"linear", py_linear, METH_VARARGS, "linear(x[M,K], weight[N,K], bias[N]=None) -> x weight^T + bias"},
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_VARARGS | METH_KEYWORDS,
+     "matmul(a, b, trans_a=False, trans_b=False, bf16=False) -> op(a) op(b); bf16: inputs "
+     "rounded to bf16, float32 accumulation on AMX"},
     {"set_profiling", py_set_profiling, METH_VARARGS, "set_profiling(on): per-kernel timers on/off"},
     {"profile", (PyCFunction)(void (*)(void))py_profile, METH_VARARGS | METH_KEYWORDS,
      "profile(reset=False) -> {kernel: (calls, seconds)} since the last reset"},

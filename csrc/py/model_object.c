@@ -1,6 +1,7 @@
 /* dlmone._core.Model (the network of csrc/core/model.c) and the layout functions that
  * need no model: argument checks, the busy flag, GIL release, dispatch. */
 #include "args.h"
+#include "amx.h"
 #include "kernels.h"
 #include "model.h"
 
@@ -213,6 +214,11 @@ static PyObject *Model_layout(ModelObject *self, PyObject *unused) {
     return layout_list(&self->m.lay);
 }
 
+/* A failed bf16 preparation: no AMX (RuntimeError), else out of memory. */
+static void set_bf16_error(const char *err) {
+    PyErr_SetString(amx_available() ? PyExc_MemoryError : PyExc_RuntimeError, err);
+}
+
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"x", "t", "train", "seed", "bf16", "row_offset", "x_self_cond", NULL};
     PyObject *xo, *to, *sco = Py_None;
@@ -224,10 +230,6 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
         return NULL;
     if (row0 < 0 || (size_t)row0 > ((size_t)1 << 40)) {
         PyErr_Format(PyExc_ValueError, "row_offset must be in [0, 2^40], got %zd", row0);
-        return NULL;
-    }
-    if (bf16 && train) {
-        PyErr_SetString(PyExc_ValueError, "bf16 is for inference only: train must be False");
         return NULL;
     }
     if (acquire(self)) return NULL;
@@ -271,14 +273,14 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kw) 
     if (!(y = new_float_array(3, ys))) goto done;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    failed = bf16 && model_prepare_bf16(m, B, L, &err);
+    failed = bf16 && (train ? model_prepare_bf16_products(m, B * L, &err) : model_prepare_bf16(m, B, L, &err));
     if (!failed)
         model_forward(m, fdata(x), x_sc, fdata(t), fdata((PyArrayObject *)y), B, L, train, seed,
                       (size_t)row0, bf16);
     Py_END_ALLOW_THREADS
     if (failed) {
         Py_CLEAR(y);
-        PyErr_SetString(PyExc_RuntimeError, err);
+        set_bf16_error(err);
     }
 done:
     release(self);
@@ -297,10 +299,6 @@ static PyObject *Model_backward(ModelObject *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_RuntimeError, "backward() called before forward()");
         goto done;
     }
-    if (m->last_bf16) {
-        PyErr_SetString(PyExc_RuntimeError, "backward() after a bf16 forward: gradients need a float32 forward");
-        goto done;
-    }
     const Activations *a = &m->act;
     npy_intp ys[3] = {(npy_intp)a->B, (npy_intp)a->L, (npy_intp)m->d.E};
     PyArrayObject *g = check_array(go, "grad_out", NPY_FLOAT32, 3, ys, 0);
@@ -314,10 +312,15 @@ static PyObject *Model_backward(ModelObject *self, PyObject *args, PyObject *kw)
     }
     if (!(dx = new_float_array(3, ys))) goto done;
     int failed;
+    const char *err = NULL;
     Py_BEGIN_ALLOW_THREADS
-    failed = model_backward(m, fdata(g), gh, fdata((PyArrayObject *)dx), pg);
+    failed = m->last_bf16 && model_prepare_bf16_products(m, a->B * a->L, &err) ? 2 : 0;
+    if (!failed) failed = model_backward(m, fdata(g), gh, fdata((PyArrayObject *)dx), pg);
     Py_END_ALLOW_THREADS
-    if (failed) {
+    if (failed == 2) {
+        Py_CLEAR(dx);
+        set_bf16_error(err);
+    } else if (failed) {
         Py_CLEAR(dx);
         PyErr_SetString(PyExc_MemoryError,
                         "out of memory in backward(); the parameter gradients are incomplete");
@@ -352,9 +355,11 @@ static PyArrayObject *check_head_rows(PyObject *o, const char *name, size_t widt
     return a && check_blas_size(what, *rows) == 0 ? a : NULL;
 }
 
-static PyObject *Model_logits(ModelObject *self, PyObject *args) {
+static PyObject *Model_logits(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"h", "bf16", NULL};
     PyObject *ho;
-    if (!PyArg_ParseTuple(args, "O", &ho)) return NULL;
+    int bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|p", kwlist, &ho, &bf16)) return NULL;
     if (acquire(self)) return NULL;
     Model *m = &self->m;
     PyObject *out = NULL;
@@ -366,17 +371,75 @@ static PyObject *Model_logits(ModelObject *self, PyObject *args) {
     memcpy(shape, PyArray_DIMS(h), nd * sizeof(npy_intp));
     shape[nd - 1] = (npy_intp)m->d.V;
     if (!(out = new_float_array(nd, shape))) goto done;
+    const char *err = NULL;
+    int failed;
     Py_BEGIN_ALLOW_THREADS
-    model_logits(m, fdata(h), fdata((PyArrayObject *)out), M);
+    failed = bf16 && model_prepare_bf16_products(m, M, &err);
+    if (!failed) model_logits(m, fdata(h), fdata((PyArrayObject *)out), M, bf16);
     Py_END_ALLOW_THREADS
+    if (failed) {
+        Py_CLEAR(out);
+        set_bf16_error(err);
+    }
 done:
     release(self);
     return out;
 }
 
-static PyObject *Model_logits_backward(ModelObject *self, PyObject *args) {
+static PyObject *Model_tied_cross_entropy(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"h", "target", "scale", "grads", "bf16", NULL};
+    PyObject *ho, *to, *so, *result = NULL, *nll = NULL, *dh = NULL;
+    int grads = 1, bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pp", kwlist, &ho, &to, &so, &grads, &bf16))
+        return NULL;
+    if (bf16 && !amx_available()) {
+        set_bf16_error("bf16 needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later); this "
+                       "machine or build has none");
+        return NULL;
+    }
+    if (acquire(self)) return NULL;
+    Model *m = &self->m;
+    npy_intp hs[2] = {-1, (npy_intp)m->d.E};
+    PyArrayObject *h = check_array(ho, "h", NPY_FLOAT32, 2, hs, 0), *t = NULL, *sc = NULL;
+    if (!h) goto done;
+    npy_intp M = PyArray_DIM(h, 0), ms[1] = {M};
+    if (check_blas_size("the number of rows of h", (size_t)M)) goto done;
+    if (!(t = check_array(to, "target", NPY_INT64, 1, ms, 0)) ||
+        !(sc = check_array(so, "scale", NPY_FLOAT32, 1, ms, 0)))
+        goto done;
+    const int64_t *tg = (const int64_t *)PyArray_DATA(t);
+    for (npy_intp i = 0; i < M; i++) {
+        if (tg[i] < 0 || (size_t)tg[i] >= m->d.V) {
+            PyErr_Format(PyExc_ValueError, "target contains id %lld outside [0, %zu)",
+                         (long long)tg[i], m->d.V);
+            goto done;
+        }
+    }
+    if (!(nll = new_float_array(1, ms))) goto done;
+    if (grads && !(dh = new_float_array(2, PyArray_DIMS(h)))) goto done;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = model_tied_cross_entropy(m, fdata(h), tg, fdata(sc), fdata((PyArrayObject *)nll),
+                                      dh ? fdata((PyArrayObject *)dh) : NULL, (size_t)M, bf16);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_SetString(PyExc_MemoryError, "out of memory in tied_cross_entropy(); the gradients "
+                                           "may be incomplete");
+        goto done;
+    }
+    result = Py_BuildValue("(OO)", nll, dh ? dh : Py_None);
+done:
+    Py_XDECREF(nll);
+    Py_XDECREF(dh);
+    release(self);
+    return result;
+}
+
+static PyObject *Model_logits_backward(ModelObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"h", "grad_logits", "bf16", NULL};
     PyObject *ho, *go;
-    if (!PyArg_ParseTuple(args, "OO", &ho, &go)) return NULL;
+    int bf16 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|p", kwlist, &ho, &go, &bf16)) return NULL;
     if (acquire(self)) return NULL;
     Model *m = &self->m;
     PyObject *dh = NULL;
@@ -389,10 +452,15 @@ static PyObject *Model_logits_backward(ModelObject *self, PyObject *args) {
     }
     if (!(dh = new_float_array(PyArray_NDIM(h), PyArray_DIMS(h)))) goto done;
     int failed;
+    const char *err = NULL;
     Py_BEGIN_ALLOW_THREADS
-    failed = model_logits_backward(m, fdata(h), fdata(g), fdata((PyArrayObject *)dh), M);
+    failed = bf16 && model_prepare_bf16_products(m, M, &err) ? 2 : 0;
+    if (!failed) failed = model_logits_backward(m, fdata(h), fdata(g), fdata((PyArrayObject *)dh), M, bf16);
     Py_END_ALLOW_THREADS
-    if (failed) {
+    if (failed == 2) {
+        Py_CLEAR(dh);
+        set_bf16_error(err);
+    } else if (failed) {
         Py_CLEAR(dh);
         PyErr_SetString(PyExc_MemoryError,
                         "out of memory in logits_backward(); the gradients are incomplete");
@@ -463,13 +531,22 @@ static PyMethodDef Model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(x[B,L,E] float32, t[B] float32 model-scale, train=False, seed=0, bf16=False, "
      "row_offset=0, x_self_cond=None) -> y[B,L,E]; x_self_cond [B,L,E] (None: zeros) only "
-     "for a self_conditioning model"},
+     "for a self_conditioning model; bf16: products in bf16 on AMX (packed weights for "
+     "inference, mixed precision with train)"},
     {"backward", (PyCFunction)(void (*)(void))Model_backward, METH_VARARGS | METH_KEYWORDS,
-     "backward(grad_out, grad_hidden=None, param_grads=True) -> grad_x; accumulates grads"},
+     "backward(grad_out, grad_hidden=None, param_grads=True) -> grad_x; accumulates grads "
+     "(products in bf16 after a bf16 forward)"},
     {"hidden", (PyCFunction)Model_hidden, METH_NOARGS, "Copy of the last encoder output [B,L,H]."},
-    {"logits", (PyCFunction)Model_logits, METH_VARARGS, "logits(h[...,E]) -> [...,V] = h W^T + b"},
-    {"logits_backward", (PyCFunction)Model_logits_backward, METH_VARARGS,
-     "logits_backward(h, grad_logits) -> grad_h; accumulates word_embedding and lm_head.bias grads"},
+    {"logits", (PyCFunction)(void (*)(void))Model_logits, METH_VARARGS | METH_KEYWORDS,
+     "logits(h[...,E], bf16=False) -> [...,V] = h W^T + b"},
+    {"logits_backward", (PyCFunction)(void (*)(void))Model_logits_backward, METH_VARARGS | METH_KEYWORDS,
+     "logits_backward(h, grad_logits, bf16=False) -> grad_h; accumulates word_embedding and "
+     "lm_head.bias grads"},
+    {"tied_cross_entropy", (PyCFunction)(void (*)(void))Model_tied_cross_entropy,
+     METH_VARARGS | METH_KEYWORDS,
+     "tied_cross_entropy(h[M,E], target[M] int64, scale[M], grads=True, bf16=False) -> (nll[M], "
+     "grad_h[M,E] or None); the rounding loss through the tied head, fused; accumulates the "
+     "word_embedding and lm_head.bias grads scaled by scale"},
     {"embed", (PyCFunction)Model_embed, METH_VARARGS, "embed(tokens[B,L]) -> [B,L,E]"},
     {"embed_backward", (PyCFunction)Model_embed_backward, METH_VARARGS,
      "embed_backward(tokens, grad[B,L,E]); accumulates into the word_embedding grad"},

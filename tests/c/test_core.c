@@ -651,8 +651,8 @@ static void test_model_case(const ModelCase *c, uint64_t *s) {
         model_forward(&m, x, NULL, t, y, B, L, 1, 99, 3, 0); /* training: dropout on */
         memcpy(hid, model_hidden(&m), M * H * sizeof(float));
         model_backward(&m, gy, gh, dx, 1);
-        model_logits(&m, y, logits, M);
-        model_logits_backward(&m, y, logit_grad, dh, M);
+        model_logits(&m, y, logits, M, 0);
+        model_logits_backward(&m, y, logit_grad, dh, M, 0);
         memcpy(grads, m.grads, np * sizeof(float));
         CHECK(count_nonfinite(out, nout) == 0, "model %s: %zu non-finite outputs or gradients at %d threads",
               c->name, count_nonfinite(out, nout), threads);
