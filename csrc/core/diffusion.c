@@ -101,11 +101,13 @@ void cross_entropy(float *nll, float *logits, const int64_t *target, const float
     DL_PROFILE_END(DL_K_LOSS);
 }
 
-/* Rows per chunk of tied_cross_entropy: its float32 logits stay near 1 MiB (a multiple
- * of 32 rows, the AMX block). A function of V only, so the chunks never depend on threads. */
-static size_t tce_chunk_rows(size_t V) {
-    size_t r = ((size_t)1 << 18) / V / 32 * 32;
-    return r < 32 ? 32 : r > 512 ? 512 : r;
+/* Rows per chunk of tied_cross_entropy, a multiple of 32 (the AMX block) and a function
+ * of V only, so that the chunks never depend on the thread count. bf16: the chunk's
+ * float32 logits stay near 1 MiB, in cache through its three products; float32: near
+ * 16 MiB, because OpenBLAS re-packs W for every call and wants long ones (measured). */
+static size_t tce_chunk_rows(size_t V, int bf16) {
+    size_t r = ((size_t)1 << (bf16 ? 18 : 22)) / V / 32 * 32;
+    return r < 32 ? 32 : r > 1024 ? 1024 : r;
 }
 
 /* The bf16 operands of tied_cross_entropy, carved out of one allocation. */
@@ -123,7 +125,7 @@ static size_t tce_bf16_elems(size_t R, size_t E, size_t V) {
 int tied_cross_entropy(float *nll, float *dh, float *dW, float *db, const float *h, const float *W,
                        const float *b, const int64_t *target, const float *scale, size_t M,
                        size_t E, size_t V, int bf16) {
-    size_t R = tce_chunk_rows(V), n_logits, n_bf16 = 0, bytes;
+    size_t R = tce_chunk_rows(V, bf16), n_logits, n_bf16 = 0, bytes;
     if (dl_mul_overflows(R, V, &n_logits)) return -1;
     if (bf16) {
         n_bf16 = tce_bf16_elems(R, E, V);
