@@ -44,7 +44,8 @@ class SequenceModel:
     def output_ids(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray, decode: str = "logits") -> np.ndarray:
         """Token ids of generated embeddings x: decoded on the target positions, the
         source's ids elsewhere."""
-        return np.where(mask > 0, decode_tokens(self.model, x, decode), ids)
+        targets = mask > 0
+        return np.where(targets, decode_tokens(self.model, x, decode, targets), ids)
 
     def _generate(self, sources: Sequence[str], sample: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
                   num_candidates: int, seed: int, batch_size: int, return_ids: bool,

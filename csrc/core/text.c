@@ -152,27 +152,44 @@ size_t wp_encode_ascii(const WordPieceVocab *v, const char *text, size_t n, int3
 /* ---------------------------------------------------------------- decoding */
 
 /* text.replace(pattern, replacement) in place, for a replacement no longer than the
- * pattern: Python's left-to-right, non-overlapping matches. Returns the new length. */
-static size_t replace_shorter(char *text, size_t n, const char *pattern, const char *replacement) {
-    size_t plen = strlen(pattern), rlen = strlen(replacement), out = 0;
-    for (size_t i = 0; i < n;) {
-        if (plen <= n - i && !memcmp(text + i, pattern, plen)) {
-            memmove(text + out, replacement, rlen);
+ * pattern (of 2 bytes or more): Python's left-to-right, non-overlapping matches. The
+ * search runs on the pattern's second byte, as most of them begin with a space. Returns
+ * the new length. */
+static size_t replace_shorter(char *text, size_t n, const char *pattern, size_t plen, const char *replacement,
+                              size_t rlen) {
+    size_t out = 0, done = 0;  /* text[0..done) is settled into text[0..out) */
+    for (size_t k = 1; k < n;) {
+        const char *second = memchr(text + k, pattern[1], n - k);
+        if (!second) break;
+        size_t start = (size_t)(second - text) - 1;
+        if (start >= done && plen <= n - start && !memcmp(text + start, pattern, plen)) {
+            memmove(text + out, text + done, start - done);
+            out += start - done;
+            memcpy(text + out, replacement, rlen);  /* out + rlen <= start + plen: no overlap */
             out += rlen;
-            i += plen;
+            done = start + plen;
+            k = done + 1;
         } else {
-            text[out++] = text[i++];
+            k = start + 2;
         }
     }
-    return out;
+    memmove(text + out, text + done, n - done);
+    return out + n - done;
 }
 
 /* Tokenizer.decode's replacements, in its order: "##" glued, clean_up_tokenization,
  * then the structural tokens deleted. */
-static const char *const DECODE_REPLACEMENTS[][2] = {
-    {" ##", ""},   {" .", "."},     {" ?", "?"},     {" !", "!"},     {" ,", ","},
-    {" ' ", "'"},  {" n't", "n't"}, {" 'm", "'m"},   {" 's", "'s"},   {" 've", "'ve"},
-    {" 're", "'re"}, {"[CLS]", ""}, {"[SEP]", ""},   {"[PAD]", ""},
+#define REPLACEMENT(pattern, replacement) {pattern, sizeof pattern - 1, replacement, sizeof replacement - 1}
+static const struct {
+    const char *pattern;
+    size_t pattern_len;
+    const char *replacement;
+    size_t replacement_len;
+} DECODE_REPLACEMENTS[] = {
+    REPLACEMENT(" ##", ""),     REPLACEMENT(" .", "."),     REPLACEMENT(" ?", "?"),     REPLACEMENT(" !", "!"),
+    REPLACEMENT(" ,", ","),     REPLACEMENT(" ' ", "'"),    REPLACEMENT(" n't", "n't"), REPLACEMENT(" 'm", "'m"),
+    REPLACEMENT(" 's", "'s"),   REPLACEMENT(" 've", "'ve"), REPLACEMENT(" 're", "'re"), REPLACEMENT("[CLS]", ""),
+    REPLACEMENT("[SEP]", ""),   REPLACEMENT("[PAD]", ""),
 };
 
 size_t wp_decode(const WordPieceVocab *v, const int64_t *ids, size_t n, char *out) {
@@ -187,7 +204,8 @@ size_t wp_decode(const WordPieceVocab *v, const int64_t *ids, size_t n, char *ou
      * Python's strip() after the "##" gluing has nothing to strip (the text begins and
      * ends with a token's character, and gluing deletes a space with what follows it). */
     for (size_t r = 0; r < sizeof DECODE_REPLACEMENTS / sizeof DECODE_REPLACEMENTS[0]; r++)
-        len = replace_shorter(out, len, DECODE_REPLACEMENTS[r][0], DECODE_REPLACEMENTS[r][1]);
+        len = replace_shorter(out, len, DECODE_REPLACEMENTS[r].pattern, DECODE_REPLACEMENTS[r].pattern_len,
+                              DECODE_REPLACEMENTS[r].replacement, DECODE_REPLACEMENTS[r].replacement_len);
     /* " ".join(text.split()) */
     size_t kept = 0;
     for (size_t i = 0; i < len; i++) {
