@@ -1,10 +1,10 @@
 /* The pure-C core (csrc/core) tested without Python: matrix products at shapes that
  * reach every branch of matmul_epilogue's tile plan against a double-precision loop,
  * layer kernels against double-precision references and their finite differences, the
- * optimiser kernels, whole-model forward + backward passes and the text paths (text.c). Every check runs at 1,
- * 2 and 3 OpenMP threads and the results must be bitwise identical. Built and run by
- * the Makefile beside it (plain, ASan + UBSan, ThreadSanitizer). Exit status 1 on any
- * failure. */
+ * optimiser kernels, whole-model forward + backward passes, and the text paths (text.c).
+ * Every check runs at 1, 2 and 3 OpenMP threads and the results must be bitwise
+ * identical. Built and run by the Makefile beside it (plain, ASan + UBSan,
+ * ThreadSanitizer). Exit status 1 on any failure. */
 #include <stdio.h>
 
 #include "kernels.h"
