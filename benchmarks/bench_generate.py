@@ -17,6 +17,18 @@ per step is that of the 2000-step sampler, only the schedule's constants differ.
 torch: the same loop (clamping as argmax of x0·Wᵀ - ½|W|², the norms computed once);
 before timing, both run once from the same noise and their outputs are compared.
 Full 2000-step sequences/s = batch x steps/s / 2000.
+
+End to end (issue 15 item 5), strings in and strings out on the built-in task: the
+student's one-step Student.generate against the teacher's 2000-step ancestral
+Teacher.generate at the same batch (256 built-in test sources) and threads, on the tiny
+preset with the built-in task's trained vocabulary (untrained weights: the work does not
+depend on them). The teacher runs n steps through a model whose schedule has T = n (the
+work per step is that of T = 2000), and its text work (encoding and layout, embedding,
+argmax, decoding: the student's, timed alone) is taken out before the steps are scaled:
+2000-step time = text + (2000 / n) x (n-step time - text). Shares of the student's time:
+encode (WordPiece and layout), embed, network (noise, anchoring, forward), argmax,
+decode; the network-only speed-up, 2000 x teacher step / student network, is what the
+text paths leave room for.
 """
 from __future__ import annotations
 
@@ -33,9 +45,12 @@ from common import Context, Row, log  # noqa: E402
 
 SECTION_ONE_STEP = "generate"
 SECTION_SAMPLER = "sampler"
+SECTION_END_TO_END = "endtoend"
 TITLE = "4. Generation vs PyTorch: student one-step generation and the teacher's clamped sampler"
 ONE_STEP_TARGET = 2.0
 SAMPLER_TARGET = 2.0
+END_TO_END_TARGET = 1800.0
+TEACHER_STEPS = 2000
 T_INIT = 1490  # DistillConfig's default
 
 ONE_STEP_PLANS = {
@@ -47,6 +62,10 @@ SAMPLER_PLANS = {
              dict(preset="small", batch=64, seq_len=32, steps=20, reps=5, warmup=1, min_block=0.0),
              dict(preset="diffuseq_base", batch=8, seq_len=128, steps=2, reps=3, warmup=1, min_block=0.0)],
     "quick": [dict(preset="tiny", batch=8, seq_len=32, steps=3, reps=2, warmup=1, min_block=0.0)],
+}
+END_TO_END_PLANS = {
+    "full": [dict(preset="tiny", batch=256, seq_len=32, steps=20, reps=9, warmup=1, min_block=0.2)],
+    "quick": [dict(preset="tiny", batch=16, seq_len=32, steps=2, reps=2, warmup=1, min_block=0.0)],
 }
 
 
@@ -231,9 +250,95 @@ def sampler(ctx: Context, plan: Dict[str, Any]) -> List[Row]:
     return rows
 
 
+# ---------------------------------------------------------------- end to end
+
+
+def builtin_models(preset: str, seq_len: int, teacher_steps: int, seed: int):
+    """The built-in task's tokenizer (trained as the demo trains it) and test sources, a
+    student on the preset and a teacher of the same size whose schedule has
+    ``teacher_steps`` steps."""
+    from dlmone.builtin_task import make_builtin_task
+    from dlmone.distill import Student
+    from dlmone.model import DiffusionTransformer, ModelConfig
+    from dlmone.teacher import Teacher
+    from dlmone.tokenizer import Tokenizer
+
+    splits = make_builtin_task(n_train=4000, n_valid=0, n_test=256, seed=seed)
+    tokenizer = Tokenizer.train([text for pair in splits["train"] for text in pair], 1000)
+    cfg = ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size, seq_len=seq_len, dropout=0.0)
+    student = Student(DiffusionTransformer(cfg, seed=seed), tokenizer, {"t_init": T_INIT})
+    short = ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size, seq_len=seq_len, dropout=0.0,
+                               diffusion_steps=teacher_steps)
+    teacher = Teacher(DiffusionTransformer(short, seed=seed + 1), tokenizer, {})
+    return student, teacher, [src for src, _ in splits["test"]]
+
+
+def end_to_end(ctx: Context, plan: Dict[str, Any]) -> List[Row]:
+    from dlmone.data import decode_targets
+    from dlmone.sample import student_sample
+
+    plan = ctx.plan(plan)
+    B, n = plan["batch"], plan["steps"]
+    student, teacher, sources = builtin_models(plan["preset"], plan["seq_len"], n, ctx.seed)
+    sources = (sources * (B // len(sources) + 1))[:B]
+    model, seed = student.model, [ctx.seed]
+    ids, mask = student.encode_sources(sources)
+    x_src = model.embed(ids)
+    D = student_sample(model, student.diffusion, x_src, mask, T_INIT, 1, ctx.seed)
+    out_ids = student.output_ids(D, ids, mask)
+
+    def next_seed() -> int:
+        seed[0] += 1
+        return seed[0]
+
+    sides = {
+        "student": lambda: student.generate(sources, seed=next_seed(), batch_size=B),
+        f"teacher {n} steps": lambda: teacher.generate(sources, seed=next_seed(), batch_size=B),
+        "encode": lambda: student.encode_sources(sources),
+        "embed": lambda: model.embed(ids),
+        "network": lambda: student_sample(model, student.diffusion, x_src, mask, T_INIT, 1, next_seed()),
+        "argmax": lambda: student.output_ids(D, ids, mask),
+        "decode": lambda: decode_targets(out_ids, mask, student.tokenizer),
+    }
+    log(f"end to end {plan['preset']}: batch {B}x{plan['seq_len']}, student 1 step, teacher {n} steps")
+    tm = common.interleaved(sides, reps=plan["reps"], warmup=plan["warmup"], min_block_s=plan["min_block"])
+    parts = ("encode", "embed", "network", "argmax", "decode")
+
+    def rates(t: Dict[str, float]) -> Dict[str, float]:
+        text = t["encode"] + t["embed"] + t["argmax"] + t["decode"]
+        teacher_step = (t[f"teacher {n} steps"] - text) / n
+        return {"student": B / t["student"], "teacher": B / (text + TEACHER_STEPS * teacher_step),
+                "student_network": B / t["network"], "teacher_network": B / (TEACHER_STEPS * teacher_step),
+                "teacher_step_s": teacher_step}
+
+    t = {k: v.median for k, v in tm.items()}
+    # on a loaded machine the medians wander; the fastest samples are what contention spared
+    median, best = rates(t), rates({k: v.best for k, v in tm.items()})
+    shares = {k: t[k] / t["student"] for k in parts}
+    name = f"built-in task, {plan['preset']}, batch {B}x{plan['seq_len']}"
+    details = {"plan": plan, "parameters": model.num_parameters(), "vocab_size": student.tokenizer.vocab_size,
+               "median_s": t, "student_shares": shares, "rates_from_medians": median,
+               "rates_from_best_samples": best, "timings": {k: v.to_dict() for k, v in tm.items()}}
+    share_text = ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items())
+    labels = dict(a_label="student", b_label=f"teacher {TEACHER_STEPS}")
+    rows = [Row(SECTION_END_TO_END, f"{name}: student 1 step vs teacher {TEACHER_STEPS} steps, text in/out",
+                "seq/s", median["student"], median["teacher"], END_TO_END_TARGET, details=details,
+                note=f"student time: {share_text}; teacher {TEACHER_STEPS} steps scaled from {n}", **labels),
+            Row(SECTION_END_TO_END, f"{name}: the same from the fastest samples", "seq/s", best["student"],
+                best["teacher"], **labels),
+            Row(SECTION_END_TO_END, f"{name}: networks only (student sample, {TEACHER_STEPS} teacher steps)",
+                "seq/s", median["student_network"], median["teacher_network"], **labels)]
+    rows += [Row(SECTION_END_TO_END, f"{name}: student {k}", "% of its time", 100 * shares[k]) for k in parts]
+    return rows
+
+
 def run_one_step(ctx: Context) -> List[Row]:
     return ctx.rows_for(ONE_STEP_PLANS, one_step)
 
 
 def run_sampler(ctx: Context) -> List[Row]:
     return ctx.rows_for(SAMPLER_PLANS, sampler)
+
+
+def run_end_to_end(ctx: Context) -> List[Row]:
+    return ctx.rows_for(END_TO_END_PLANS, end_to_end)

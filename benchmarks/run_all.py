@@ -13,6 +13,8 @@ Sections (--only takes their names):
   distill   3. distillation step (ψ + G) vs the same step in PyTorch
   generate  4. one-step generation on diffuseq_base vs PyTorch, sequences/s
   sampler   4. the teacher's ancestral sampler with clamping vs PyTorch, steps/s
+  endtoend  4. text in, text out: the student's one step vs the teacher's 2000-step
+               sampler on the built-in task, sequences/s, and where the student's time goes
   scaling   5. dlmone's training step at --threads vs 1 thread
   memory    6. peak RSS of a training step (fresh process) vs params+grads+AdamW+activations
 
@@ -64,6 +66,8 @@ SECTIONS: Dict[str, Section] = {s.name: s for s in (
             bench_generate.run_one_step, True),
     Section("sampler", "4b. Teacher's ancestral sampler with clamping vs PyTorch, per sampler step",
             bench_generate.run_sampler, True),
+    Section("endtoend", "4c. Text in, text out: the student's one step vs the teacher's 2000-step sampler",
+            bench_generate.run_end_to_end, False),
     Section("scaling", bench_train.SCALING_TITLE, bench_train.run_scaling, False),
     Section("memory", bench_memory.TITLE, bench_memory.run, False),
 )}

@@ -40,6 +40,7 @@ __all__ = [
     "load_split",
     "build_example",
     "encode_pairs",
+    "encode_sources",
     "decode_targets",
     "decode_sources",
     "Seq2SeqData",
@@ -64,9 +65,9 @@ class TokenizerLike(Protocol):
     cls_id: int
     sep_id: int
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+    def decode_selected(self, ids: np.ndarray, selected: np.ndarray) -> list[str]: ...
 
 
 # ---------------------------------------------------------------------- files
@@ -492,35 +493,33 @@ def _truncated_lengths(
 
 
 def _layout(
-    src_ids: Sequence[Sequence[int]],
-    trg_ids: Sequence[Sequence[int]],
+    src: tuple[np.ndarray, np.ndarray],
+    trg: tuple[np.ndarray, np.ndarray],
     seq_len: int,
     cls_id: int,
     sep_id: int,
     pad_id: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`build_example` for many examples at once (arguments already checked)."""
-    n_rows = len(src_ids)
-    n_src, n_trg = _truncated_lengths(
-        np.fromiter((len(ids) + 1 for ids in src_ids), dtype=np.int64, count=n_rows),
-        np.fromiter((len(ids) + 1 for ids in trg_ids), dtype=np.int64, count=n_rows),
-        seq_len,
-    )
+    """:func:`build_example` for many examples at once (arguments already checked).
+    Each side is ``(ids, offsets)``: row i's content ids are ``ids[offsets[i]:offsets[i + 1]]``."""
+    (src_ids, src_offsets), (trg_ids, trg_offsets) = src, trg
+    n_src, n_trg = _truncated_lengths(np.diff(src_offsets) + 1, np.diff(trg_offsets) + 1, seq_len)
     target_start = n_src + 2
-    ids = np.full((n_rows, seq_len), pad_id, dtype=np.int32)
-    rows = np.arange(n_rows)
+    rows = np.arange(len(n_src))
+    ids = np.full((len(n_src), seq_len), pad_id, dtype=np.int32)
     ids[:, 0] = cls_id
     ids[rows, n_src] = sep_id
     ids[rows, n_src + 1] = sep_id
     ids[rows, target_start] = cls_id
     ids[rows, target_start + n_trg] = sep_id
-    for row, (src, trg) in enumerate(zip(src_ids, trg_ids)):
-        src_kept = int(n_src[row]) - 1
-        trg_kept = int(n_trg[row]) - 1
-        start = int(target_start[row]) + 1
-        ids[row, 1 : 1 + src_kept] = src[:src_kept]
-        ids[row, start : start + trg_kept] = trg[:trg_kept]
-    mask = (np.arange(seq_len)[None, :] >= target_start[:, None]).astype(np.float32)
+    # Content: position j of row i holds source token j - 1 (1 <= j < n_src) and
+    # target token j - target_start - 1 (target_start < j < target_start + n_trg).
+    column = np.arange(seq_len)[None, :]
+    is_src = (column >= 1) & (column < n_src[:, None])
+    ids[is_src] = src_ids[(src_offsets[:-1, None] + column - 1)[is_src]]
+    is_trg = (column > target_start[:, None]) & (column < (target_start + n_trg)[:, None])
+    ids[is_trg] = trg_ids[(trg_offsets[:-1, None] + column - target_start[:, None] - 1)[is_trg]]
+    mask = (column >= target_start[:, None]).astype(np.float32)
     return ids, mask
 
 
@@ -557,7 +556,8 @@ def build_example(
     pad_id = _check_int(pad_id, "pad_id", 0)
     src = _as_id_array(src_ids, "src_ids")
     trg = _as_id_array(trg_ids, "trg_ids")
-    ids, mask = _layout([src], [trg], seq_len, cls_id, sep_id, pad_id)
+    bounds = lambda a: np.array([0, len(a)], dtype=np.int64)  # noqa: E731
+    ids, mask = _layout((src, bounds(src)), (trg, bounds(trg)), seq_len, cls_id, sep_id, pad_id)
     return ids[0], mask[0]
 
 
@@ -574,13 +574,25 @@ def encode_pairs(
         raise TypeError("pairs must be a sequence of (src, trg) pairs")
     checked = [_check_pair(pair, index) for index, pair in enumerate(pairs)]
     return _layout(
-        tokenizer.encode_batch([src for src, _ in checked]),
-        tokenizer.encode_batch([trg for _, trg in checked]),
+        tokenizer.encode_flat([src for src, _ in checked]),
+        tokenizer.encode_flat([trg for _, trg in checked]),
         seq_len,
         tokenizer.cls_id,
         tokenizer.sep_id,
         tokenizer.pad_id,
     )
+
+
+def encode_sources(
+    sources: Sequence[str], tokenizer: TokenizerLike, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_pairs` of ``(source, "")`` pairs: the layout generation starts from."""
+    seq_len = _check_int(seq_len, "seq_len", MIN_SEQ_LEN)
+    if isinstance(sources, (str, bytes)):
+        raise TypeError("sources must be a sequence of strings, not a single str")
+    src = tokenizer.encode_flat(sources)
+    no_target = (np.zeros(0, dtype=np.int32), np.zeros(len(src[1]), dtype=np.int64))
+    return _layout(src, no_target, seq_len, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
 
 
 def _check_ids_and_mask(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -602,10 +614,10 @@ def decode_targets(ids: np.ndarray, mask: np.ndarray, tokenizer: TokenizerLike) 
     (decode the encoded references) to reproduce DiffuSeq's BLEU protocol.
     """
     ids, mask = _check_ids_and_mask(ids, mask)
-    return [tokenizer.decode(row[row_mask != 0]) for row, row_mask in zip(ids, mask)]
+    return tokenizer.decode_selected(ids, mask != 0)
 
 
 def decode_sources(ids: np.ndarray, mask: np.ndarray, tokenizer: TokenizerLike) -> list[str]:
     """The source text of each row: the ``mask == 0`` tokens, decoded like targets."""
     ids, mask = _check_ids_and_mask(ids, mask)
-    return [tokenizer.decode(row[row_mask == 0]) for row, row_mask in zip(ids, mask)]
+    return tokenizer.decode_selected(ids, mask == 0)

@@ -87,9 +87,11 @@ def _nearest_offsets(W: np.ndarray) -> np.ndarray:
     return (-0.5 * np.einsum("ve,ve->v", W, W)).astype(np.float32)
 
 
-def decode_tokens(model: DiffusionTransformer, x: np.ndarray, decode: str = "logits") -> np.ndarray:
+def decode_tokens(model: DiffusionTransformer, x: np.ndarray, decode: str = "logits",
+                  active: Optional[np.ndarray] = None) -> np.ndarray:
     """Token ids of embeddings x [.., E], without materialising [B, L, V]: ``"logits"``, the
-    argmax of the tied logits x·Wᵀ + b (SPEC §5); ``"nearest"``, the nearest word embedding."""
+    argmax of the tied logits x·Wᵀ + b (SPEC §5); ``"nearest"``, the nearest word embedding.
+    ``active`` (bool, x's shape less E): decode only where True (0 elsewhere)."""
     sd = model.state_dict()
     W = sd["word_embedding.weight"]
     if decode == "logits":
@@ -98,7 +100,9 @@ def decode_tokens(model: DiffusionTransformer, x: np.ndarray, decode: str = "log
         offsets = _nearest_offsets(W)
     else:
         raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
-    return _core.affine_argmax(as_float32(x, "x"), W, offsets)
+    if active is None:
+        return _core.affine_argmax(as_float32(x, "x"), W, offsets)
+    return _core.affine_argmax(as_float32(x, "x"), W, offsets, np.ascontiguousarray(active, dtype=bool))
 
 
 def clamp_to_embeddings(model: DiffusionTransformer, x0: np.ndarray, mask: np.ndarray) -> np.ndarray:

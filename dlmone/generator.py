@@ -12,7 +12,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .checkpoint import PathLike
-from .data import decode_targets, encode_pairs
+from .data import decode_targets, encode_sources
 from .diffusion import DECODERS, Diffusion, decode_tokens, derive_seed
 from .distributed import LocalComm
 from .metrics import mbr_select
@@ -39,13 +39,13 @@ class SequenceModel:
     def encode_sources(self, sources: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
         if isinstance(sources, str):
             raise TypeError("sources must be a list of strings, not a single str")
-        ids, mask = encode_pairs([(s, "") for s in sources], self.tokenizer, self.config.seq_len)
-        return ids, mask
+        return encode_sources(sources, self.tokenizer, self.config.seq_len)
 
     def output_ids(self, x: np.ndarray, ids: np.ndarray, mask: np.ndarray, decode: str = "logits") -> np.ndarray:
         """Token ids of generated embeddings x: decoded on the target positions, the
         source's ids elsewhere."""
-        return np.where(mask > 0, decode_tokens(self.model, x, decode), ids)
+        targets = mask > 0
+        return np.where(targets, decode_tokens(self.model, x, decode, targets), ids)
 
     def _generate(self, sources: Sequence[str], sample: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
                   num_candidates: int, seed: int, batch_size: int, return_ids: bool,

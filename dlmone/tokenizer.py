@@ -19,6 +19,11 @@ with ties broken by the pieces' text, so the same texts always give the same
 :meth:`Tokenizer.encode` adds no ``[CLS]``/``[SEP]``; :mod:`dlmone.data` lays
 out the examples. :meth:`Tokenizer.decode` recovers text the way DiffuSeq's
 evaluation does (see its docstring).
+
+Batches go through C (``csrc/core/text.c``) without per-token Python: ASCII texts
+are encoded there and rows of ids decoded there, with the same results as
+``tokenizers`` and :meth:`Tokenizer.decode`, which remain the reference and handle
+what the C path leaves to them (non-ASCII texts; tokens holding whitespace).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
+from . import _core
 from .checkpoint import atomic_write_bytes
 
 __all__ = [
@@ -86,14 +92,6 @@ def clean_up_tokenization(text: str) -> str:
         .replace(" 've", "'ve")
         .replace(" 're", "'re")
     )
-
-
-def _check_texts(texts: Sequence[str], argument: str) -> None:
-    if isinstance(texts, str):
-        raise TypeError(f"{argument} must be a sequence of strings, not a single str")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"{argument}[{index}] is {type(text).__name__}, expected str")
 
 
 def _make_backend(token_to_id: dict[str, int]) -> _HFTokenizer:
@@ -248,6 +246,9 @@ class Tokenizer:
         self._tokens = tokens
         self._token_to_id = token_to_id
         self._backend = _make_backend(token_to_id)
+        self._wordpiece = _core.WordPiece(
+            tokens, token_to_id[UNK_TOKEN], [token_to_id[t] for t in SPECIAL_TOKENS if t in token_to_id]
+        )
 
     # ----------------------------------------------------------- construction
     @classmethod
@@ -382,13 +383,36 @@ class Tokenizer:
         """Token ids of ``text``, without [CLS]/[SEP]."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`encode` of each text (tokenised in parallel by ``tokenizers``)."""
-        texts = list(texts) if not isinstance(texts, str) else texts
-        _check_texts(texts, "texts")
-        encodings = self._backend.encode_batch(texts, add_special_tokens=False)
+        """:meth:`encode` of each text."""
+        ids, offsets = self.encode_flat(texts)
+        flat, bounds = ids.tolist(), offsets.tolist()
+        return [flat[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode` of each text, concatenated: ``ids`` int32[total] and
+        ``offsets`` int64[N + 1]; text i's ids are ``ids[offsets[i]:offsets[i + 1]]``.
+
+        ASCII texts are encoded in C, the others by ``tokenizers``
+        (:meth:`encode_reference`).
+        """
+        if not isinstance(texts, (list, tuple, str)):
+            texts = list(texts)
+        ids, offsets, backend_rows = self._wordpiece.encode(texts)
+        if backend_rows:
+            rows = [ids[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+            for row, row_ids in zip(backend_rows, self.encode_reference([texts[r] for r in backend_rows])):
+                rows[row] = np.asarray(row_ids, dtype=np.int32)
+            offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+            ids = np.concatenate(rows).astype(np.int32, copy=False)
+        return ids, offsets
+
+    def encode_reference(self, texts: Sequence[str]) -> list[list[int]]:
+        """:meth:`encode_batch` by HF ``tokenizers`` (BertNormalizer + BertPreTokenizer +
+        WordPiece): the definition the C encoder reproduces."""
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -419,6 +443,26 @@ class Tokenizer:
     def decode_batch(self, rows: Iterable[Sequence[int] | np.ndarray]) -> list[str]:
         """:meth:`decode` of each row."""
         return [self.decode(row) for row in rows]
+
+    def decode_selected(self, ids: np.ndarray, selected: np.ndarray) -> list[str]:
+        """:meth:`decode` of each row's selected tokens, ``ids[r][selected[r]]``, for
+        ``ids`` [N, L] and ``selected`` bool [N, L]; in C, but for rows holding a token
+        with whitespace in it (and ids of a non-integer dtype), which :meth:`decode` takes.
+        """
+        ids, selected = np.asarray(ids), np.asarray(selected)
+        if ids.ndim != 2 or selected.shape != ids.shape or selected.dtype != np.bool_:
+            raise ValueError(
+                f"ids must be [N, L] and selected a bool array of the same shape, got shapes "
+                f"{ids.shape} and {selected.shape} ({selected.dtype})"
+            )
+        if not np.issubdtype(ids.dtype, np.integer):
+            return [self.decode(row[keep]) for row, keep in zip(ids, selected)]
+        if ids.dtype not in (np.int32, np.int64):
+            ids = ids.astype(np.int64)
+        texts = self._wordpiece.decode(np.ascontiguousarray(ids), np.ascontiguousarray(selected))
+        for row in [r for r, text in enumerate(texts) if text is None]:
+            texts[row] = self.decode(ids[row][selected[row]])
+        return texts
 
     # ------------------------------------------------------------------ misc
     def __eq__(self, other: object) -> bool:

@@ -37,5 +37,6 @@ extern PyMethodDef distill_methods[];
 extern PyMethodDef kernel_methods[];
 extern PyMethodDef model_functions[];
 extern PyTypeObject ModelType;
+extern PyTypeObject WordPieceType;
 
 #endif

@@ -86,7 +86,7 @@ PyMODINIT_FUNC PyInit__core(void) {
                          "one build of its core, not a run-time choice", dl_isa_in_use()) < 0)
         return NULL;
     import_array();
-    if (PyType_Ready(&ModelType) < 0) return NULL;
+    if (PyType_Ready(&ModelType) < 0 || PyType_Ready(&WordPieceType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
     if (PyModule_AddFunctions(m, optim_methods) < 0 || PyModule_AddFunctions(m, diffusion_methods) < 0 ||
@@ -98,6 +98,12 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&ModelType);
     if (PyModule_AddObject(m, "Model", (PyObject *)&ModelType) < 0) {
         Py_DECREF(&ModelType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&WordPieceType);
+    if (PyModule_AddObject(m, "WordPiece", (PyObject *)&WordPieceType) < 0) {
+        Py_DECREF(&WordPieceType);
         Py_DECREF(m);
         return NULL;
     }

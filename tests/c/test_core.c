@@ -1,15 +1,16 @@
 /* The pure-C core (csrc/core) tested without Python: matrix products at shapes that
  * reach every branch of matmul_epilogue's tile plan against a double-precision loop,
  * layer kernels against double-precision references and their finite differences, the
- * optimiser kernels, and whole-model forward + backward passes. Every check runs at 1,
- * 2 and 3 OpenMP threads and the results must be bitwise identical. Built and run by
- * the Makefile beside it (plain, ASan + UBSan, ThreadSanitizer). Exit status 1 on any
- * failure. */
+ * optimiser kernels, whole-model forward + backward passes, and the text paths (text.c).
+ * Every check runs at 1, 2 and 3 OpenMP threads and the results must be bitwise
+ * identical. Built and run by the Makefile beside it (plain, ASan + UBSan,
+ * ThreadSanitizer). Exit status 1 on any failure. */
 #include <stdio.h>
 
 #include "kernels.h"
 #include "model.h"
 #include "optim.h"
+#include "text.h"
 
 static int failures;
 
@@ -691,6 +692,60 @@ static void test_model(uint64_t *s) {
            "directional derivatives of the small ones\n", n);
 }
 
+/* WordPiece encoding and decoding (text.c) on a small vocabulary; the expected ids and
+ * texts are those of tokenizers and Tokenizer.decode (tests/test_textio.py compares the
+ * two on many more). */
+static void test_text(void) {
+    static const char *tokens[] = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "##b",
+                                   "ab",    "!",     "'",     "s",     "n",      "##t", "x"};
+    enum { N_TOKENS = sizeof tokens / sizeof tokens[0] };
+    char bytes[64];
+    size_t offsets[N_TOKENS + 1] = {0};
+    for (size_t i = 0; i < N_TOKENS; i++) {
+        memcpy(bytes + offsets[i], tokens[i], strlen(tokens[i]));
+        offsets[i + 1] = offsets[i] + strlen(tokens[i]);
+    }
+    const int32_t specials[] = {0, 1, 2, 3, 4};
+    WordPieceVocab v;
+    CHECK(wp_vocab_init(&v, bytes, offsets, N_TOKENS, 1, specials, 5) == 0, "wp_vocab_init");
+    for (size_t i = 0; i < N_TOKENS; i++)
+        CHECK(wp_lookup(&v, "", 0, tokens[i], strlen(tokens[i])) == (int32_t)i, "lookup %s", tokens[i]);
+    CHECK(wp_lookup(&v, "##", 2, "b", 1) == 6 && wp_lookup(&v, "##", 2, "a", 1) == -1, "prefixed lookup");
+
+    char long_word[102];
+    memset(long_word, 'a', 101);
+    long_word[101] = 0;
+    const struct { const char *text; size_t n; int32_t ids[4]; } encodings[] = {
+        {"AB!", 2, {7, 8}},  {"abb", 2, {7, 6}},          {"a\001b", 1, {7}},
+        {"ac", 1, {1}},      {"x[UNK]a", 3, {13, 1, 5}}, {"[MASK][mask]", 4, {4, 1, 1, 1}},
+        {"", 0, {0}},        {"a\tab", 2, {5, 7}},        {long_word, 1, {1}},
+    };
+    for (size_t c = 0; c < sizeof encodings / sizeof encodings[0]; c++) {
+        size_t n = strlen(encodings[c].text);
+        int32_t *ids = malloc((n + 1) * sizeof *ids);
+        char *scratch = malloc(n + 1);
+        size_t count = wp_encode_ascii(&v, encodings[c].text, n, ids, scratch);
+        int same = count == encodings[c].n;
+        for (size_t i = 0; same && i < count; i++) same = ids[i] == encodings[c].ids[i];
+        CHECK(same, "encode case %zu: %zu ids", c, count);
+        free(ids);
+        free(scratch);
+    }
+
+    static const struct { int64_t ids[6]; size_t n; const char *text; } decodings[] = {
+        {{2, 5, 6, 8, 3, 0}, 6, "ab!"}, {{5, 9, 10}, 3, "a's"}, {{9, 9, 9}, 3, "'''"},
+        {{11, 12}, 2, "nt"},           {{0}, 0, ""},           {{0, 0}, 2, ""},
+        {{13, 9, 9, 10}, 4, "x'' s"},
+    };
+    for (size_t c = 0; c < sizeof decodings / sizeof decodings[0]; c++) {
+        char out[64];
+        size_t len = wp_decode(&v, decodings[c].ids, decodings[c].n, out);
+        CHECK(len == strlen(decodings[c].text) && !memcmp(out, decodings[c].text, len), "decode case %zu: %.*s",
+              c, (int)len, out);
+    }
+    wp_vocab_free(&v);
+}
+
 int main(void) {
     scipy_openblas_set_num_threads(1); /* as dlmone._core does: OpenMP splits the products */
     uint64_t s = 20240611;
@@ -705,6 +760,7 @@ int main(void) {
     test_attention(&s);
     test_optim(&s);
     test_model(&s);
+    test_text();
     if (failures) {
         printf("%d check(s) failed\n", failures);
         return 1;
