@@ -268,14 +268,17 @@ def test_resume_equals_uninterrupted(data, tmp_path, straight, monkeypatch, how)
     assert any("resuming" in s and "step 9" in s for s in messages), messages
     for rel in ("teacher/model.safetensors", "teacher/vocab.txt", "checkpoints/step-00000012/state.safetensors"):
         assert (out / rel).read_bytes() == (straight / rel).read_bytes(), rel
-    assert json.loads((out / "checkpoints/step-00000012/run.json").read_text()) == \
-        json.loads((straight / "checkpoints/step-00000012/run.json").read_text())
+    runs = [json.loads((d / "checkpoints/step-00000012/run.json").read_text()) for d in (out, straight)]
+    for run in runs:  # a timing: it differs, and the resumed run carries it over
+        assert run.pop("train_cpu_s") > 0
+    assert runs[0] == runs[1]
     assert np.array_equal(t.model.params, Teacher.load(straight / "teacher").model.params)
     # records after the checkpoint were dropped and written again: the log is the
     # uninterrupted run's (timings aside)
     log_b, ref = _read_log(out / "log.jsonl"), _read_log(straight / "log.jsonl")
     for r in log_b + ref:
         r.pop("tokens_per_s", None)
+        r.pop("train_cpu_s", None)
     assert [r["step"] for r in log_b] == [r["step"] for r in ref] and log_b == ref
 
 
@@ -569,3 +572,22 @@ def test_non_finite_steps_are_skipped_then_training_stops(data, tmp_path, monkey
     assert last == "step-00000003"
     state = ckpt.load_tensors(tmp_path / "b" / "checkpoints" / last / "state.safetensors")
     assert np.isfinite(state["params"]).all()
+
+
+def test_eval_bleu_and_cpu_time_in_the_log(data, tmp_path):
+    """eval_bleu scores DDIM samples of the first validation pairs at every validation,
+    and the log carries the CPU seconds of the training steps (the budget study's axes)."""
+    cfg = _cfg(steps=8, eval_every=4, save_every=4, eval_bleu=6, eval_bleu_steps=3)
+    train_teacher(cfg, data, tmp_path, **QUIET)
+    log = _read_log(tmp_path / "log.jsonl")
+    evals = [r for r in log if "val_bleu" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    for r in evals:
+        assert 0.0 <= r["val_bleu"] <= 1.0 and 0.0 <= r["val_empty"] <= 1.0
+    cpu = [r["train_cpu_s"] for r in log if "loss" in r]
+    assert cpu == sorted(cpu) and cpu[0] > 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="eval_bleu"):
+            _cfg(eval_bleu=bad)
+    with pytest.raises(ValueError, match="eval_bleu_steps"):
+        _cfg(eval_bleu_steps=0)
