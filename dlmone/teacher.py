@@ -237,7 +237,6 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     rng = np.random.default_rng(config.seed)
     guard = NonFiniteGuard(config.max_bad_steps)
     step = 0
-    train_cpu_s = 0.0  # process CPU seconds spent in training steps (all threads, no validation)
     if start is not None:
         state = ckpt.load_tensors(start / "state.safetensors")
         expected = (model.params.size,)
@@ -251,10 +250,13 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
         if "guard" in run:  # absent from checkpoints of older versions
             guard.load_state_dict(run["guard"])
         step = int(run["step"])
-        train_cpu_s = float(run.get("train_cpu_s", 0.0))
         print_fn(f"resuming from {start} at step {step}")
     log = JsonlLog(out_dir / "log.jsonl", keep_through=step if start is not None else -1) \
         if comm.is_root else NullLog()
+    # process CPU seconds of the training steps (all threads, no validation); a timing, so
+    # not in the checkpoint, whose bytes a resumed run reproduces: a resumed run carries on
+    # from the last logged value, short by the steps since that record
+    train_cpu_s = float(log.last("train_cpu_s", 0.0))
     eval_model = DiffusionTransformer(mcfg)
     info = {"teacher_config": config.to_dict()}
 
@@ -266,8 +268,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
             ckpt.save_tensors(tmp / "state.safetensors", tensors)
             (tmp / "run.json").write_text(json.dumps({
                 "config": config.to_dict(), "step": step, "opt_step": opt.step_count,
-                "rng": rng.bit_generator.state, "guard": guard.state_dict(), "train_cpu_s": train_cpu_s},
-                indent=2))
+                "rng": rng.bit_generator.state, "guard": guard.state_dict()}, indent=2))
             tokenizer.save(tmp)
 
         comm.check_identical(model.params, "teacher weights")
