@@ -16,6 +16,7 @@ Sections (--only takes their names):
   endtoend  4. text in, text out: the student's one step vs the teacher's 2000-step
                sampler on the built-in task, sequences/s, and where the student's time goes
   bf16      bf16 on AMX (training step, forward, MFU vs the AMX peak) vs PyTorch bf16 autocast
+  busy      the training step next to a busy process: fixed threads, 1 thread, ThreadGovernor
   scaling   5. dlmone's training step at --threads vs 1 thread
   memory    6. peak RSS of a training step (fresh process) vs params+grads+AdamW+activations
 
@@ -40,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_bf16  # noqa: E402
+import bench_busy  # noqa: E402
 import bench_distill  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_matmul  # noqa: E402
@@ -71,6 +73,7 @@ SECTIONS: Dict[str, Section] = {s.name: s for s in (
     Section("endtoend", "4c. Text in, text out: the student's one step vs the teacher's 2000-step sampler",
             bench_generate.run_end_to_end, False),
     Section("bf16", bench_bf16.TITLE, bench_bf16.run, True),
+    Section("busy", bench_busy.TITLE, bench_busy.run, False),
     Section("scaling", bench_train.SCALING_TITLE, bench_train.run_scaling, False),
     Section("memory", bench_memory.TITLE, bench_memory.run, False),
 )}

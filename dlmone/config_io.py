@@ -23,9 +23,12 @@ class RunConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # fields that never change what a run computes: a resumed run may set them anew
+    NOT_RUN_FIELDS = ("max_memory", "adaptive_threads")
+
     def run_fields(self) -> Dict[str, Any]:
-        """What a resumed run must share with the saved one: every field but max_memory."""
-        return {k: v for k, v in self.to_dict().items() if k != "max_memory"}
+        """What a resumed run must share with the saved one: every field but NOT_RUN_FIELDS."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_RUN_FIELDS}
 
     @classmethod
     def from_dict(cls: Type[C], d: Mapping[str, Any]) -> C:

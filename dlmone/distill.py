@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _core, get_num_threads
 from . import checkpoint as ckpt
 from .checkpoint import PathLike
 from .config_io import RunConfig
@@ -36,6 +36,7 @@ from .model import DiffusionTransformer
 from .optim import EMA, AdamW, NonFiniteGuard
 from .resources import check_memory, estimate_memory, parse_bytes
 from .sample import student_sample
+from .threads import ThreadGovernor
 from .generator import SequenceModel
 from .runlog import JsonlLog, NullLog, discard
 from .teacher import Teacher
@@ -103,6 +104,7 @@ class DistillConfig(RunConfig):
     adv_start: int = 0              # G's adversarial term is off before this step of a stage
     g_ema: float = 0.99             # decay of an EMA of G that validation and the student use; 0: off
     precision: str = "float32"      # or "bf16": G's and ψ's products in mixed precision on AMX
+    adaptive_threads: bool = True   # the thread count chosen by measured step times (dlmone.threads)
     lr_g: float = 5e-5
     lr_psi: float = 2e-4
     clip_value: float = 1.0
@@ -506,6 +508,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"stage {stage}",
                unit="step", dynamic_ncols=True)
     emit = bar.write if progress else say  # above the bar when there is one
+    governor = ThreadGovernor() if config.adaptive_threads else None
     try:
         if step == 0:  # the generator as initialised: the teacher in one step, or stage 1's best
             m = validation(0)
@@ -517,6 +520,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
         t0, comm_s0 = time.perf_counter(), comm.seconds
         last_val: Dict[str, float] = {}
         while step < config.steps:
+            wall_before = time.perf_counter()
             idx = rng.integers(0, len(ids), size=config.batch_size)
             s_psi = dist.psi_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 0))
             idx = rng.integers(0, len(ids), size=config.batch_size)
@@ -527,6 +531,8 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
             for k, v in {**s_psi, **s_g}.items():
                 acc.setdefault(k, []).append(v)
             step += 1
+            if governor:
+                governor.step(time.perf_counter() - wall_before)
             bar.update(1)
             if step % config.log_every == 0:
                 means = {k: float(np.mean(v)) for k, v in acc.items()}
@@ -542,7 +548,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                     postfix["D_auc"] = f"{last_val['disc_auc']:.2f}"
                 bar.set_postfix(**postfix)
                 log.write(step=step, stage=stage, steps_per_s=config.log_every / dt,
-                          skipped_steps=dist.guard.skipped, **means)
+                          skipped_steps=dist.guard.skipped, threads=get_num_threads(), **means)
             if step % config.eval_every == 0 or step == config.steps:
                 m = last_val = validation(step)
                 notes = _warn_monitors(m, config, emit) if comm.is_root else []
@@ -560,6 +566,8 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
             if step % config.save_every == 0 or step == config.steps:
                 save_state()
     finally:
+        if governor:
+            governor.close()
         bar.close()
         log.close()
     if comm.is_root and not (out / "best").exists():

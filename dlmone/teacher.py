@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import get_num_threads
 from .checkpoint import PathLike
 from .config_io import RunConfig
 from .data import Seq2SeqData, encode_pairs
@@ -29,6 +30,7 @@ from .optim import EMA, AdamW, NonFiniteGuard
 from .resources import check_memory, estimate_memory, parse_bytes
 from .runlog import JsonlLog, NullLog, discard
 from .sample import batched, teacher_sample
+from .threads import ThreadGovernor
 from .tokenizer import Tokenizer
 
 
@@ -68,6 +70,7 @@ class TeacherConfig(RunConfig):
     timestep_sampler: str = "lossaware"
     soft_absorb: float = 0.0
     precision: str = "float32"    # or "bf16": mixed-precision products on AMX (DiffusionTransformer.precision)
+    adaptive_threads: bool = True  # the thread count chosen by measured step times (dlmone.threads)
     log_every: int = 20
     eval_every: int = 500
     eval_size: int = 256
@@ -296,9 +299,10 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
     emit = bar.write if progress else print_fn  # above the bar when there is one
     tokens_per_step = config.batch_size * config.grad_accum * mcfg.seq_len
     t_last, last_step, comm_last = time.perf_counter(), step, comm.seconds
+    governor = ThreadGovernor() if config.adaptive_threads else None
     try:
         while step < config.steps:
-            cpu_before = time.process_time()
+            cpu_before, wall_before = time.process_time(), time.perf_counter()
             opt.lr = lr_at(step, config.lr, config.warmup, config.steps)
             model.zero_grad()
             loss_sum = {"loss": 0.0, "mse": 0.0, "nll": 0.0}
@@ -321,6 +325,8 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 ema.update(opt.step_count - 1)
             step += 1
             train_cpu_s += time.process_time() - cpu_before
+            if governor:
+                governor.step(time.perf_counter() - wall_before)
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 now = time.perf_counter()
@@ -329,7 +335,7 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                 t_last, last_step, comm_last = now, step, comm.seconds
                 bar.set_postfix(loss=f"{loss_sum['loss']:.4f}", tok_s=f"{tps:,.0f}")
                 log.write(step=step, lr=opt.lr, tokens_per_s=tps, skipped_steps=guard.skipped,
-                          train_cpu_s=train_cpu_s,
+                          train_cpu_s=train_cpu_s, threads=get_num_threads(),
                           **({"comm_s_per_step": comm_s} if comm.size > 1 else {}), **loss_sum)
             if step % config.eval_every == 0 or step == config.steps:
                 ev = evaluate()
@@ -342,6 +348,8 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
             if step % config.save_every == 0 or step == config.steps:
                 save_checkpoint()
     finally:
+        if governor:
+            governor.close()
         bar.close()
         log.close()
     final = DiffusionTransformer(mcfg)

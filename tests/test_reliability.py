@@ -81,7 +81,7 @@ def _run(cmd, **kw):
     return r
 
 
-def _log(path, drop=("tokens_per_s", "steps_per_s", "train_cpu_s")):
+def _log(path, drop=("tokens_per_s", "steps_per_s", "train_cpu_s", "threads")):
     """The records of a log.jsonl without their timings."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in drop} for r in records]
