@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import build_info, set_num_threads
 from .checkpoint import atomic_write_bytes, atomic_write_json
@@ -28,16 +28,18 @@ def load_data(spec: str, splits: Sequence[str], limit: Optional[int] = None):
     return Seq2SeqData.from_dir(spec, splits=splits, limit=limit)
 
 
-def _config(args: argparse.Namespace, cls, flags: Dict[str, Any]):
-    """The config file, then the explicit flags (--steps, --preset), then --set."""
+def _config(args: argparse.Namespace, cls, flags: Dict[str, Any],
+            under: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None):
+    """The config file, then the explicit flags (--steps, --preset), then --set; with
+    ``under``, all of that over the defaults it adds (a preset's recipe)."""
     data: Dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
     data.update(flags)
     data = apply_overrides(data, args.set or [], prefix=getattr(args, "set_prefix", ""))
-    return cls.from_dict(data)
+    return cls.from_dict(under(data) if under else data)
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
-    from .teacher import TeacherConfig, train_teacher
+    from .teacher import TeacherConfig, train_teacher, with_recipe
     base: Dict[str, Any] = {}
     if args.preset:
         base["preset"] = args.preset
@@ -45,7 +47,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
         base["steps"] = args.steps
     if args.precision is not None:
         base["precision"] = args.precision
-    config = _config(args, TeacherConfig, base)
+    config = _config(args, TeacherConfig, base, under=with_recipe)
     data = load_data(args.data, ("train", "valid"), config.train_limit)
     teacher = train_teacher(config, data, args.out, resume=not args.restart, progress=not args.quiet,
                             print_fn=(lambda s: None) if args.quiet else print, comm=args.comm)

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -32,6 +32,24 @@ from .runlog import JsonlLog, NullLog, discard
 from .sample import batched, teacher_sample
 from .threads import ThreadGovernor
 from .tokenizer import Tokenizer
+
+
+#: The recipe a preset's teacher trains with unless told otherwise: TeacherConfig fields
+#: (``model`` holds ModelConfig fields), applied under everything the user gives by
+#: :meth:`TeacherConfig.for_preset` and ``dlmone train-teacher``. ``small``: issue 13's
+#: budget study on QQP (RESULTS.md §13): the soft absorbing state, uniform t, no dropout.
+PRESET_RECIPES: Dict[str, Dict[str, Any]] = {
+    "small": {"vocab_size": 6000, "lr": 1e-3, "warmup": 500, "timestep_sampler": "uniform",
+              "soft_absorb": 0.5, "model": {"dropout": 0.0}},
+}
+
+
+def with_recipe(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """``fields`` (TeacherConfig's, as a dict) over the recipe of their preset."""
+    recipe = PRESET_RECIPES.get(fields.get("preset", "tiny"), {})
+    out = {**recipe, **fields}
+    out["model"] = {**recipe.get("model", {}), **dict(fields.get("model", {}))}
+    return out
 
 
 @dataclass
@@ -109,6 +127,11 @@ class TeacherConfig(RunConfig):
         make_timestep_sampler(self.timestep_sampler, 1)
         if self.precision not in DiffusionTransformer.PRECISIONS:
             raise ValueError(f"precision must be one of {DiffusionTransformer.PRECISIONS}, got {self.precision!r}")
+
+    @classmethod
+    def for_preset(cls, preset: str, **fields: Any) -> "TeacherConfig":
+        """A config of ``preset`` with its recipe (PRESET_RECIPES) under ``fields``."""
+        return cls.from_dict(with_recipe({**fields, "preset": preset}))
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         kw = dict(self.model)

@@ -162,8 +162,15 @@ def test_train_teacher_flags_without_config(env, tmp_path):
                 + sets + ["--out", str(out)]) == 0
     tc = _teacher_config(out)
     assert tc["steps"] == 2 and tc["preset"] == "small"
-    # the small preset's dropout (0.1) survives, the sizes come from --set
-    assert dlmone.load(out / "teacher").config.dropout == 0.1
+    # the small preset's teacher recipe (PRESET_RECIPES) under what was given: the sizes come
+    # from --set, the soft absorbing state and dropout 0 from the recipe
+    assert tc["soft_absorb"] == 0.5 and tc["timestep_sampler"] == "uniform"
+    assert dlmone.load(out / "teacher").config.dropout == 0.0
+    out2 = tmp_path / "run2"
+    assert main(["--quiet", "train-teacher", "--data", env["data"], "--preset", "small", "--steps", "2"]
+                + sets + ["--set", "model.dropout=0.1", "--set", "soft_absorb=0", "--out", str(out2)]) == 0
+    tc = _teacher_config(out2)
+    assert tc["soft_absorb"] == 0 and dlmone.load(out2 / "teacher").config.dropout == 0.1
 
 
 def test_steps_flag_overrides_config_file(env, tmp_path):

@@ -590,3 +590,15 @@ def test_eval_bleu_and_cpu_time_in_the_log(data, tmp_path):
             _cfg(eval_bleu=bad)
     with pytest.raises(ValueError, match="eval_bleu_steps"):
         _cfg(eval_bleu_steps=0)
+
+
+def test_for_preset_puts_the_recipe_under_the_given_fields():
+    from dlmone.teacher import PRESET_RECIPES
+
+    cfg = TeacherConfig.for_preset("small", steps=7, model={"num_layers": 2}, lr=3e-4)
+    assert cfg.steps == 7 and cfg.lr == 3e-4  # given
+    assert cfg.soft_absorb == PRESET_RECIPES["small"]["soft_absorb"] == 0.5  # the recipe
+    assert cfg.model == {"dropout": 0.0, "num_layers": 2}
+    assert TeacherConfig.for_preset("tiny") == TeacherConfig(preset="tiny")  # no recipe: the defaults
+    with pytest.raises(ValueError, match="preset"):
+        TeacherConfig.for_preset("huge")
