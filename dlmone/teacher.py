@@ -24,6 +24,7 @@ from .data import Seq2SeqData, encode_pairs
 from .diffusion import Diffusion, derive_seed, make_timestep_sampler, training_loss
 from .distributed import LocalComm, world
 from .generator import SequenceModel
+from .baselines import tokenizer_protocol
 from .metrics import bleu
 from .model import DiffusionTransformer, ModelConfig
 from .optim import EMA, AdamW, NonFiniteGuard
@@ -94,7 +95,7 @@ class TeacherConfig(RunConfig):
     eval_size: int = 256
     eval_samples: int = 4         # generated examples shown at every validation
     eval_sample_steps: int = 20   # DDIM steps for those
-    eval_bleu: int = 0            # validation pairs scored by BLEU at every validation (0 = off)
+    eval_bleu: int = 0            # validation pairs scored by BLEU (generate's protocol) at every validation; 0 = off
     eval_bleu_steps: int = 100    # DDIM steps (clamped) for that BLEU
     save_every: int = 1000
     keep_checkpoints: int = 2
@@ -310,9 +311,11 @@ def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out
                                 comm=comm)
         if config.eval_bleu:  # the curve of a budget study (benchmarks/budget_study.py)
             scored = valid_pairs[:config.eval_bleu]
-            hyps = teacher.generate([p[0] for p in scored], steps=config.eval_bleu_steps, method="ddim",
-                                    seed=config.seed, comm=comm)
-            vl = {**vl, "bleu": bleu(hyps, [p[1] for p in scored]),
+            sources = [p[0] for p in scored]
+            hyps = teacher.generate(sources, steps=config.eval_bleu_steps, method="ddim", seed=config.seed,
+                                    comm=comm)
+            refs = tokenizer_protocol(tokenizer, mcfg.seq_len)(sources, [p[1] for p in scored])
+            vl = {**vl, "bleu": bleu(hyps, refs),
                   "empty": float(np.mean([not h.strip() for h in hyps]))}
         return {"val": vl, "samples": [{"source": s, "reference": p[1], "recover": o}
                                        for s, p, o in zip(srcs, valid_pairs, outs)]}
