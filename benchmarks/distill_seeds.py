@@ -58,8 +58,10 @@ def main() -> None:
     for name, fields in variants.items():
         runs = []
         for seed in args.seeds:
-            cfg = DistillConfig(steps=args.stage_steps, eval_every=100, eval_size=1000, save_every=args.stage_steps,
-                                lr_g=5e-4, lr_psi=1e-3, **{"seed": seed, **json.loads(fields)})
+            # a variant's fields override the demo's settings (e.g. "steps" with "stages")
+            fields_now = {"steps": args.stage_steps, "eval_every": 100, "eval_size": 1000, "lr_g": 5e-4,
+                          "lr_psi": 1e-3, "seed": seed, **json.loads(fields)}
+            cfg = DistillConfig(save_every=fields_now["steps"], **fields_now)
             student = distill(work / "teacher" / "teacher", data, cfg, work / f"{name}-seed{seed}", **quiet)
             bleu = {k: measure_generation(student, data.test, steps=k)["scores"]["bleu"] for k in (1, 2, 4)}
             print(f"{name} seed {seed}: " + " ".join(f"{k} step {v:.4f}" for k, v in bleu.items()), flush=True)

@@ -289,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", required=True, help="teacher folder")
     d.add_argument("--data", required=True, help="DiffuSeq jsonl folder, or 'builtin'")
     d.add_argument("--config", help="JSON or TOML file of DistillConfig fields")
-    d.add_argument("--stage", default="both", choices=["1", "2", "both"])
-    d.add_argument("--from", dest="from_dir", help="stage-1 run folder to continue from (--stage 2)")
+    d.add_argument("--stage", default="all",
+                   help="'all' (or 'both'): stages 1 to the config's 'stages' (default 2); N: stage N alone")
+    d.add_argument("--from", dest="from_dir", help="run folder holding stage N-1, to continue from (--stage N)")
     d.add_argument("--steps", type=int, help="steps per stage")
     d.add_argument("--precision", choices=["float32", "bf16"],
                    help="bf16: G and psi train in mixed precision on Intel AMX")

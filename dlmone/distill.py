@@ -1,5 +1,5 @@
 """DLM-One (SPEC §6): distil a teacher into a one-step generator by score identity
-distillation with adversarial regularisation, in two stages.
+distillation with adversarial regularisation, in two stages (or more: ``stages``).
 
 Three networks of the teacher's architecture: φ (the frozen teacher), G_θ (the
 generator, initialised from φ) and ψ (the fake-score estimator, initialised from φ,
@@ -88,6 +88,9 @@ class DistillConfig(RunConfig):
     # on the built-in task (RESULTS §11)
     stage1: StageConfig = field(default_factory=lambda: StageConfig(alpha=0.5))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(alpha=0.5, b_psi=0.9, b_g=0.1))
+    # Stages in all: each one after the first re-initialises ψ from φ, continues G from the
+    # previous stage's best and takes stage2's weights (repeated ψ resets, issue 14).
+    stages: int = 2
     adversarial: bool = True
     # D_psi on psi's last hidden state (SPEC §6.3): "token" pools over target+pad positions,
     # H logits per example; "hidden_mean" (inert, an ablation) averages over the hidden
@@ -130,7 +133,7 @@ class DistillConfig(RunConfig):
             v = getattr(self, name)
             if isinstance(v, Mapping):
                 setattr(self, name, StageConfig(**v))
-        self.check_positive_ints(("batch_size", "steps", "eval_every", "eval_size", "log_every", "save_every"))
+        self.check_positive_ints(("stages", "batch_size", "steps", "eval_every", "eval_size", "log_every", "save_every"))
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
         if self.disc_head not in DISC_HEADS:
@@ -615,14 +618,15 @@ def _restore(dist: Distiller, rng: np.random.Generator, path: Path, config: Dist
 
 
 def distill(teacher_dir: PathLike, data: Union[Seq2SeqData, PathLike], config: DistillConfig,
-            out_dir: PathLike, stage: Union[int, str] = "both", from_dir: Optional[PathLike] = None,
+            out_dir: PathLike, stage: Union[int, str] = "all", from_dir: Optional[PathLike] = None,
             progress: bool = True, print_fn: Callable[[str], None] = print,
             comm: Optional[LocalComm] = None) -> Student:
     """Distil the teacher in ``teacher_dir`` into a one-step student.
 
-    ``stage="both"`` runs stage 1 then stage 2 (ψ re-initialised from φ, G continued
-    from stage 1's best checkpoint); ``stage=1`` or ``stage=2`` runs one (stage 2 takes
-    G from ``from_dir``: a stage-1 run folder or a student folder). Each stage writes
+    ``stage="all"`` (or ``"both"``) runs stages 1 to ``config.stages``: each stage after
+    the first re-initialises ψ from φ and continues G from the previous stage's best
+    checkpoint. ``stage=n`` runs stage n alone (for n >= 2, G comes from ``from_dir``: a
+    run folder holding stage n-1, or a student folder). Each stage writes
     ``out_dir/stageN/{log.jsonl,best,checkpoints}``; the final student is ``out_dir/student``.
 
     ``comm`` (default :func:`dlmone.distributed.world`: MPI ranks under mpirun) shares
@@ -634,26 +638,25 @@ def distill(teacher_dir: PathLike, data: Union[Seq2SeqData, PathLike], config: D
     if not comm.is_root:
         progress, print_fn = False, discard
     out_dir = Path(out_dir)
+    stages = _stages(stage, config.stages)
     teacher = Teacher.load(teacher_dir)
     if not isinstance(data, Seq2SeqData):
         data = Seq2SeqData.from_dir(data, splits=("train", "valid"))
     if not data.train:
         raise ValueError("no training pairs")
     comm.check_same({**config.to_dict(), "stage": str(stage), "training pairs": len(data.train)})
-    stages = {"both": (1, 2), "1": (1,), "2": (2,), 1: (1,), 2: (2,)}.get(stage)
-    if stages is None:
-        raise ValueError(f"stage must be 1, 2 or 'both', got {stage!r}")
     # validation generates with Student.generate's default batches of 256
     check_memory(estimate_memory(teacher.config, config.batch_size, "distill", eval_batch=min(config.eval_size, 256),
                                  adversarial=config.adversarial, g_ema=config.g_ema > 0),
                  config.max_memory, "distill")
     generator: Optional[np.ndarray] = None
-    if stages == (2,):
+    if stages[0] > 1:
         if from_dir is None:
-            raise ValueError("stage 2 alone needs from_dir: a stage-1 run folder or a student folder")
+            raise ValueError(f"stage {stages[0]} alone needs from_dir: a run folder holding stage "
+                             f"{stages[0] - 1}, or a student folder")
         src = Path(from_dir)
-        src = src / "stage1" / "best" if (src / "stage1" / "best").exists() else src
-        generator = Student.load(src).model.params.copy()
+        prev = src / f"stage{stages[0] - 1}" / "best"
+        generator = Student.load(prev if prev.exists() else src).model.params.copy()
     student = None
     summary: Dict[str, Any] = {}
     for n in stages:
@@ -667,3 +670,16 @@ def distill(teacher_dir: PathLike, data: Union[Seq2SeqData, PathLike], config: D
         student.save(out_dir / "student")
         ckpt.atomic_write_json(out_dir / "summary.json", summary)
     return student
+
+
+def _stages(stage: Union[int, str], n_stages: int) -> Tuple[int, ...]:
+    """The stage numbers ``distill(stage=...)`` runs."""
+    if stage in ("all", "both"):
+        return tuple(range(1, n_stages + 1))
+    try:
+        n = int(stage)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(stage, bool) or not 1 <= n <= n_stages or str(n) != str(stage):
+        raise ValueError(f"stage must be 'all' or a stage number in 1..{n_stages} (config.stages), got {stage!r}")
+    return (n,)

@@ -793,6 +793,28 @@ def test_distill_stage2_alone_equals_second_stage(e2e, tmp_path):
     assert np.array_equal(st.model.params, e2e.student.model.params)
 
 
+def test_distill_three_stages_reset_psi_and_continue_g(e2e, tmp_path):
+    import dataclasses
+
+    three = dataclasses.replace(e2e.config, stages=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        st = distill(e2e.root / "teacher", e2e.data, three, tmp_path / "r3", **e2e.kw)
+        # stages 1 and 2 are the two-stage run's; stage 3 starts from stage 2's best
+        assert np.array_equal(Student.load(tmp_path / "r3" / "stage2" / "best").model.params,
+                              e2e.student.model.params)
+        assert set(json.loads((tmp_path / "r3" / "summary.json").read_text())) == {"stage1", "stage2", "stage3"}
+        alone = distill(e2e.root / "teacher", e2e.data, three, tmp_path / "s3", stage=3,
+                        from_dir=tmp_path / "r3", **e2e.kw)
+    assert np.array_equal(alone.model.params, st.model.params)
+    recs = [json.loads(line) for line in (tmp_path / "r3" / "stage3/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_bleu" in r] == [0, 2, 4]
+    with pytest.raises(ValueError, match="stage"):
+        _run(e2e, tmp_path / "bad", stage=3)  # the config has 2 stages
+    with pytest.raises(ValueError, match="stages"):
+        dataclasses.replace(e2e.config, stages=0)
+
+
 def test_distill_resume_finished_run_is_identity(e2e):
     run = e2e.root / "run"
     logs = {s: (run / f"stage{s}/log.jsonl").read_text() for s in (1, 2)}
