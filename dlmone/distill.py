@@ -106,6 +106,10 @@ class DistillConfig(RunConfig):
     psi_warmup: int = 0             # ψ-only steps at the start of each stage (G frozen)
     adv_start: int = 0              # G's adversarial term is off before this step of a stage
     g_ema: float = 0.99             # decay of an EMA of G that validation and the student use; 0: off
+    # K > 1 trains G for K-step generation (the paper's open question 3): each row's input is
+    # the state at a random step k < K of the K-step sampler (SPEC §6.6), reached by G without
+    # gradient; L_SiD and ψ then see G's output at that step. 1: the one-step generator.
+    train_steps: int = 1
     precision: str = "float32"      # or "bf16": G's and ψ's products in mixed precision on AMX
     adaptive_threads: bool = True   # the thread count chosen by measured step times (dlmone.threads)
     lr_g: float = 5e-5
@@ -149,8 +153,10 @@ class DistillConfig(RunConfig):
         for name in ("adv_weight", "disc_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 1 <= self.eval_steps <= 8:
-            raise ValueError(f"eval_steps must be in [1, 8], got {self.eval_steps}")
+        for name in ("eval_steps", "train_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 8:
+                raise ValueError(f"{name} must be an int in [1, 8], got {v!r}")
         for name in ("lr_g", "lr_psi", "clip_value"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -273,22 +279,46 @@ class Distiller:
 
     def _batch(self, ids: np.ndarray, mask: np.ndarray, seed: int, all_rows: bool = False):
         """This rank's rows (every row with ``all_rows``) of the step's inputs (its mask,
-        x_real, x_init, t, eps and the [n,L,1] target mask), drawn for the whole batch as
-        one process draws them."""
+        x_real, G's input x_in at its timesteps t_in, t, eps and the [n,L,1] target mask),
+        drawn for the whole batch as one process draws them."""
         c = self.config
         B = len(ids)
         rows = slice(None) if all_rows else self.comm.rows(B)
+        x_in, t_in = self._generator_input(ids, mask, seed)
         mask = mask[rows]
         x_real = self.phi.embed(ids[rows])    # Emb of the real pair: source + real target
         shape = (B,) + x_real.shape[1:]
-        z = gaussian(shape, derive_seed(seed, 0))[rows]
-        s_init = np.float32(self.diffusion.sqrt_one_minus_alphas_cumprod[c.t_init])
         m3 = mask[:, :, None] > 0
-        x_init = np.where(m3, s_init * z, x_real).astype(np.float32)
         rng = np.random.default_rng(derive_seed(seed, 1))
         t = rng.integers(c.t_min, c.t_max + 1, size=B).astype(np.int64)[rows]
         eps = gaussian(shape, derive_seed(seed, 2))[rows]
-        return mask, x_real, x_init, t, eps, m3
+        return mask, x_real, x_in[rows], t_in[rows], t, eps, m3
+
+    def _generator_input(self, ids: np.ndarray, mask: np.ndarray, seed: int):
+        """G's input for the whole batch: x_init at t_init (SPEC §6.6), or with
+        ``train_steps`` K > 1 the K-step sampler's state at a random step k < K per row,
+        reached by G's earlier steps without gradient (the same on every rank)."""
+        c = self.config
+        x_src = self.phi.embed(ids)
+        m3 = mask[:, :, None] > 0
+        z = gaussian(x_src.shape, derive_seed(seed, 0))
+        s_init = np.float32(self.diffusion.sqrt_one_minus_alphas_cumprod[c.t_init])
+        x_in = np.where(m3, s_init * z, x_src).astype(np.float32)
+        t_in = np.full(len(ids), c.t_init, np.int64)
+        K = c.train_steps
+        if K == 1:
+            return x_in, t_in
+        k = np.random.default_rng(derive_seed(seed, 3)).integers(0, K, size=len(ids))
+        x = x_in
+        for i in range(1, int(k.max()) + 1):
+            D = np.where(m3, self.G.forward(x, t_in), x_src).astype(np.float32)
+            t_i = int(round(c.t_init * (1.0 - i / K)))
+            x_next = self.diffusion.q_sample(D, np.full(len(ids), t_i, np.int64),
+                                             gaussian(x_src.shape, derive_seed(seed, 4, i)), mask)
+            later = k >= i
+            x = np.where(later[:, None, None], x_next, x).astype(np.float32)
+            t_in = np.where(later, t_i, t_in)
+        return x, t_in
 
     def _summed(self, stats: Dict[str, float]) -> Dict[str, float]:
         """Per-rank shares of the step's statistics -> the global batch's values."""
@@ -298,9 +328,9 @@ class Distiller:
         """L_ψ = mean_target ||f_ψ(x_t) - e_g||² + b_ψ λ_D ½[BCE(D(x_t^real), 1) + BCE(D(x_t^fake), 0)]."""
         c, B = self.config, len(ids)
         positions = np.count_nonzero(mask)  # the global batch's target positions
-        mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
+        mask, x_real, x_in, t_in, t, eps, m3 = self._batch(ids, mask, seed)
         n = len(x_real)
-        e_g = np.where(m3, self.G.forward(x_init, np.full(n, c.t_init)), x_real).astype(np.float32)
+        e_g = np.where(m3, self.G.forward(x_in, t_in), x_real).astype(np.float32)
         xt_fake = self.diffusion.q_sample(e_g, t, eps, mask)
         adv = c.adversarial and self.weights.b_psi > 0
         if adv:
@@ -348,9 +378,9 @@ class Distiller:
         """L_G = L_SiD + b_G λ_adv BCE(D_ψ(x_t), 1), gradients through G, q_sample, φ and ψ;
         ``adversarial=False`` leaves the BCE term out (SiD-only phase)."""
         c, B = self.config, len(ids)
-        mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed)
+        mask, x_real, x_in, t_in, t, eps, m3 = self._batch(ids, mask, seed)
         n = len(x_real)
-        e_g = np.where(m3, self.G.forward(x_init, np.full(n, c.t_init)), x_real).astype(np.float32)
+        e_g = np.where(m3, self.G.forward(x_in, t_in), x_real).astype(np.float32)
         x_t = self.diffusion.q_sample(e_g, t, eps, mask)
         y_r = self.phi.forward(x_t, t)
         y_f = self.psi.forward(x_t, t)
@@ -386,9 +416,9 @@ class Distiller:
         and the adversarial share of G's gradient on e_g, ‖∇L_adv‖ / ‖∇L_SiD‖ (SPEC §6.4),
         with this stage's b_G λ_adv. Every rank computes the whole batch."""
         c, w = self.config, self.weights
-        mask, x_real, x_init, t, eps, m3 = self._batch(ids, mask, seed, all_rows=True)
+        mask, x_real, x_in, t_in, t, eps, m3 = self._batch(ids, mask, seed, all_rows=True)
         n = len(x_real)
-        e_g = np.where(m3, self.G.forward(x_init, np.full(n, c.t_init)), x_real).astype(np.float32)
+        e_g = np.where(m3, self.G.forward(x_in, t_in), x_real).astype(np.float32)
         x_t = self.diffusion.q_sample(e_g, t, eps, mask)
         xt_real = self.diffusion.q_sample(x_real, t, eps, mask)
         self.psi.forward(np.concatenate([x_t, xt_real]), np.concatenate([t, t]))

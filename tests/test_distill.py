@@ -626,6 +626,53 @@ def test_frozen_embeddings_after_real_steps(rng):
         assert not np.array_equal(sd_psi[k], P0[k]), f"ψ.{k} did not change"
 
 
+# ============================================================================ K-step training
+def test_k_step_training_input_is_the_samplers_state_at_step_k(rng):
+    K, B, seed = 3, 8, 0
+    cfg, phi, dist, ids, mask = _setup(rng, B=B, train_steps=K)
+    x, t_in = dist._generator_input(ids, mask, seed)
+    k = np.random.default_rng(derive_seed(seed, 3)).integers(0, K, size=B)
+    assert set(k) == {0, 1, 2}  # every branch below is taken
+    t_init = dist.config.t_init
+    np.testing.assert_array_equal(t_in, [round(t_init * (1 - j / K)) for j in k])
+    x_src = phi.embed(ids)
+    m3 = mask[:, :, None] > 0
+    z = gaussian(x_src.shape, derive_seed(seed, 0))
+    for b in range(B):  # row by row, as SPEC §6.6's sampler runs it
+        xb = np.where(m3[b], np.sqrt(1.0 - ABAR[t_init]) * z[b], x_src[b]).astype(np.float32)[None]
+        for i in range(1, k[b] + 1):
+            t_prev = round(t_init * (1 - (i - 1) / K))
+            D = np.where(m3[b], dist.G.forward(xb, np.array([t_prev]))[0], x_src[b])
+            eps = gaussian(x_src.shape, derive_seed(seed, 4, i))[b]
+            t_i = round(t_init * (1 - i / K))
+            xb = np.where(m3[b], np.sqrt(ABAR[t_i]) * D + np.sqrt(1 - ABAR[t_i]) * eps, x_src[b])[None]
+        np.testing.assert_allclose(x[b], xb[0], rtol=0, atol=2e-5)
+    # one-step training keeps x_init at t_init
+    _, _, d1, _, _ = _setup(np.random.default_rng(0), B=B)
+    x1, t1 = d1._generator_input(ids, mask, seed)
+    assert np.all(t1 == t_init)
+
+
+def test_k_step_training_step_trains_g_on_that_input(rng, monkeypatch):
+    cfg, phi, dist, ids, mask = _setup(rng, B=4, train_steps=2)
+    other = Distiller(types.SimpleNamespace(model=phi, diffusion=Diffusion(T)),
+                      DistillConfig(clip_value=1e9), stage=1)
+    np.copyto(other.G.params, dist.G.params)
+    np.copyto(other.psi.params, dist.psi.params)
+    x_in, t_in = dist._generator_input(ids, mask, 5)
+    assert np.any(t_in != dist.config.t_init)
+    monkeypatch.setattr(other, "_generator_input", lambda *a: (x_in, t_in))
+    a, b = dist.g_step(ids, mask, 5), other.g_step(ids, mask, 5)
+    assert a == b
+    np.testing.assert_array_equal(dist.G.params, other.G.params)
+
+
+def test_train_steps_is_checked():
+    for bad in (0, 9, 1.5, True):
+        with pytest.raises(ValueError, match="train_steps"):
+            DistillConfig(train_steps=bad)
+
+
 def test_stage2_reinitialisation(rng):
     cfg = _cfg()
     phi = make_model(cfg, rng)
@@ -813,6 +860,26 @@ def test_distill_three_stages_reset_psi_and_continue_g(e2e, tmp_path):
         _run(e2e, tmp_path / "bad", stage=3)  # the config has 2 stages
     with pytest.raises(ValueError, match="stages"):
         dataclasses.replace(e2e.config, stages=0)
+
+
+def test_distill_k_step_generator_end_to_end(e2e, tmp_path):
+    import dataclasses
+
+    from dlmone.teacher import Teacher
+
+    two = dataclasses.replace(e2e.config, train_steps=2, eval_steps=2, stages=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        st = distill(e2e.root / "teacher", e2e.data, two, tmp_path / "k2", **e2e.kw)
+    assert st.info["distill_config"]["train_steps"] == 2
+    recs = [json.loads(line) for line in (tmp_path / "k2" / "stage1/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_bleu" in r] == [0, 2, 4]
+    assert [r["step"] for r in recs if "sid" in r] == [1, 2, 3, 4]
+    # the student is the best validation's G_ema: the teacher itself only if that was step 0
+    best_step = json.loads((tmp_path / "k2" / "summary.json").read_text())["stage1"]["step"]
+    same = np.array_equal(st.model.params, Teacher.load(e2e.root / "teacher").model.params)
+    assert same == (best_step == 0)
+    assert len(st.generate([p[0] for p in e2e.data.valid[:3]], steps=2)) == 3
 
 
 def test_distill_resume_finished_run_is_identity(e2e):
