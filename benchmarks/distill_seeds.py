@@ -2,9 +2,9 @@
 
 One teacher (the demo's: `tiny`, 5,000 steps on 20,000 built-in pairs), then for each
 variant and seed a two-stage distillation with the demo's settings, validated on 1,000
-pairs; every student is scored at 1, 2 and 4 steps on the same test sources as the
-teacher's 2000-step ancestral sampler. Prints mean ± sd over seeds and the share of the
-teacher's BLEU; writes JSON.
+pairs; every student is scored at 1, 2, 4 and 8 steps on the same test sources as the
+teacher's 2000-step ancestral sampler (and its DDIM curve). Prints mean ± sd over seeds,
+the share of the teacher's BLEU and D's largest validation AUC; writes JSON.
 
     python benchmarks/distill_seeds.py --out benchmarks/results/distill_seeds.json \\
         --variant sid_only='{"adversarial": false}' --variant default='{}' --seeds 0 1 2
@@ -18,6 +18,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, write_json_atomic  # noqa: E402
+
+
+STEPS = (1, 2, 4, 8)  # student inference steps scored
+
+
+def monitors(run: Path) -> dict:
+    """The run's discriminator AUC (largest over its validations) and mean adversarial share."""
+    vals = [json.loads(line) for log in sorted(run.glob("stage*/log.jsonl"))
+            for line in log.read_text().splitlines() if "val_bleu" in line]
+    aucs = [r["val_disc_auc"] for r in vals if "val_disc_auc" in r]
+    shares = [r["val_adv_share"] for r in vals if "val_adv_share" in r]
+    return {"max_disc_auc": max(aucs) if aucs else None,
+            "mean_adv_share": float(np.mean(shares)) if shares else None}
 
 
 def main() -> None:
@@ -50,10 +63,15 @@ def main() -> None:
     teacher = Teacher.load(work / "teacher" / "teacher")
     teacher_bleu = measure_generation(teacher, data.test, method="ancestral")["scores"]["bleu"]
     print(f"teacher, 2000 ancestral steps, {len(data.test)} test sources: BLEU {teacher_bleu:.4f}", flush=True)
+    # the teacher's DDIM curve on the same sources, for the students' BLEU-vs-NFE comparison
+    teacher_ddim = {k: measure_generation(teacher, data.test, method="ddim", steps=k, diversity=False)["scores"]["bleu"]
+                    for k in STEPS + (10,)}
+    print("teacher DDIM: " + " ".join(f"{k} step(s) {v:.4f}" for k, v in teacher_ddim.items()), flush=True)
     baselines = {b["name"]: b["scores"]["bleu"] for b in measure_baselines(teacher, data.test, data.train, data.valid)}
     for name, bleu in baselines.items():
         print(f"{name}: BLEU {bleu:.4f}", flush=True)
-    result = {"machine": machine_info(), "teacher_bleu": teacher_bleu, "baselines": baselines,
+    result = {"machine": machine_info(), "teacher_bleu": teacher_bleu, "teacher_ddim": teacher_ddim,
+              "baselines": baselines,
               "n_test": len(data.test), "variants": {}}
     for name, fields in variants.items():
         runs = []
@@ -63,19 +81,21 @@ def main() -> None:
                           "lr_psi": 1e-3, "seed": seed, **json.loads(fields)}
             cfg = DistillConfig(save_every=fields_now["steps"], **fields_now)
             student = distill(work / "teacher" / "teacher", data, cfg, work / f"{name}-seed{seed}", **quiet)
-            bleu = {k: measure_generation(student, data.test, steps=k)["scores"]["bleu"] for k in (1, 2, 4)}
+            bleu = {k: measure_generation(student, data.test, steps=k, diversity=False)["scores"]["bleu"]
+                    for k in STEPS}
             print(f"{name} seed {seed}: " + " ".join(f"{k} step {v:.4f}" for k, v in bleu.items()), flush=True)
-            runs.append(bleu)
+            runs.append({**bleu, **monitors(work / f"{name}-seed{seed}")})
         result["variants"][name] = {"config": json.loads(fields), "runs": runs}
-    print(f"\n{'variant':<28}" + "".join(f"{f'{k} step(s)':>22}" for k in (1, 2, 4)))
+    print(f"\n{'variant':<28}" + "".join(f"{f'{k} step(s)':>22}" for k in STEPS) + f"{'max D AUC':>11}")
     for name, v in result["variants"].items():
         cells = []
-        for k in (1, 2, 4):
+        for k in STEPS:
             x = np.array([r[k] for r in v["runs"]])
             sd = x.std(ddof=1) if len(x) > 1 else 0.0
             share = f"{x.mean() / teacher_bleu:4.0%}" if teacher_bleu > 0 else "n/a"
             cells.append(f"{x.mean():.4f}±{sd:.4f} ({share})")
-        print(f"{name:<28}" + "".join(f"{c:>22}" for c in cells))
+        aucs = [r["max_disc_auc"] for r in v["runs"] if r.get("max_disc_auc") is not None]
+        print(f"{name:<28}" + "".join(f"{c:>22}" for c in cells) + (f"{np.mean(aucs):>11.3f}" if aucs else f"{'-':>11}"))
     write_json_atomic(args.out, result)
 
 
