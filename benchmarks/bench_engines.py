@@ -92,12 +92,14 @@ class Engines:
         return lib
 
     def _load(self, name: str, *sonames: str):
+        errors = []
         for d in (os.path.join(sys.prefix, "lib"), ""):
             for so in sonames:
                 try:
                     return ctypes.CDLL(os.path.join(d, so) if d else so, mode=ctypes.RTLD_GLOBAL)
                 except OSError as e:
-                    self.notes[name] = f"not loaded ({e}); pip install {name}, and LD_LIBRARY_PATH=sys.prefix/lib"
+                    errors.append(str(e))
+        self.notes[name] = f"not measured: {errors[0]} (pip install {name}; LD_LIBRARY_PATH=sys.prefix/lib)"
         return None
 
     def callables(self, m: int, n: int, k: int, ta: bool, tb: bool, a: np.ndarray, b: np.ndarray,
