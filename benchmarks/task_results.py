@@ -33,7 +33,8 @@ VARIANTS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="builtin", help="'builtin' or a DiffuSeq data folder")
-    p.add_argument("--teacher", help="an existing teacher folder (else one is trained)")
+    p.add_argument("--teacher", help="an existing teacher folder, or a training run / checkpoint folder "
+                                     "(its EMA weights; else a teacher is trained)")
     p.add_argument("--teacher-steps", type=int, default=4000)
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=200, help="sources for the fast samplers")
@@ -73,7 +74,14 @@ def main() -> None:
     eval_pairs = getattr(data, args.split)[args.skip:args.skip + args.n]
     record = {"task": args.task, "split": args.split, "machine": machine_info(), "args": vars(args),
               "bleu_protocol": BLEU_PROTOCOL}
-    if args.teacher:
+    if args.teacher and not (Path(args.teacher) / "config.json").exists():
+        # a training run (its latest checkpoint) or one checkpoint folder: its EMA teacher
+        from dlmone.teacher import teacher_from_checkpoint
+        exported = teacher_from_checkpoint(args.teacher)
+        teacher_dir = out / f"teacher-step-{exported.info['checkpoint_step']}"
+        exported.save(teacher_dir)
+        record["teacher_checkpoint_step"] = exported.info["checkpoint_step"]
+    elif args.teacher:
         teacher_dir = Path(args.teacher)
     else:
         t0 = time.perf_counter()

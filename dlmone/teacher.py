@@ -210,6 +210,24 @@ def validation_loss(model: DiffusionTransformer, diffusion: Diffusion, ids: np.n
     return {k: float(v) / max(1, len(ids)) for k, v in zip(names, sums)}
 
 
+def teacher_from_checkpoint(path: PathLike) -> Teacher:
+    """The teacher (EMA weights) of a training checkpoint: a ``checkpoints/step-N`` folder,
+    or a run folder (its latest checkpoint). For evaluating a run before it ends; the
+    teacher's info records the step."""
+    path = Path(path)
+    folder = path if (path / "run.json").exists() else ckpt.latest_checkpoint(path)
+    if folder is None:
+        raise ValueError(f"{path} is neither a checkpoint folder (with run.json) nor a run folder with checkpoints")
+    run = ckpt.read_run_json(folder, {"config": dict, "step": int})
+    config = TeacherConfig.from_dict(run["config"])
+    tokenizer = Tokenizer.load(folder)
+    model = DiffusionTransformer(config.model_config(tokenizer.vocab_size))
+    state = ckpt.load_tensors(folder / "state.safetensors")
+    ckpt.check_tensors({k: v for k, v in state.items() if k == "ema"}, {"ema": (model.params.size,)}, str(folder))
+    np.copyto(model.params, state["ema"])
+    return Teacher(model, tokenizer, {"teacher_config": config.to_dict(), "checkpoint_step": run["step"]})
+
+
 def train_teacher(config: TeacherConfig, data: Union[Seq2SeqData, PathLike], out_dir: PathLike,
                   resume: bool = True, progress: bool = True,
                   print_fn: Callable[[str], None] = print, comm: Optional[LocalComm] = None) -> Teacher:

@@ -602,3 +602,19 @@ def test_for_preset_puts_the_recipe_under_the_given_fields():
     assert TeacherConfig.for_preset("tiny") == TeacherConfig(preset="tiny")  # no recipe: the defaults
     with pytest.raises(ValueError, match="preset"):
         TeacherConfig.for_preset("huge")
+
+
+def test_teacher_from_checkpoint(straight, tmp_path):
+    from dlmone.teacher import teacher_from_checkpoint
+
+    final = Teacher.load(straight / "teacher")
+    latest = teacher_from_checkpoint(straight)  # the run folder: its latest checkpoint, the last step
+    assert np.array_equal(latest.model.params, final.model.params)
+    assert latest.info["checkpoint_step"] == _cfg(**RESUME).steps
+    assert latest.tokenizer.vocab == final.tokenizer.vocab
+    steps = sorted((straight / "checkpoints").glob("step-*"))
+    earlier = teacher_from_checkpoint(steps[0])
+    assert earlier.info["checkpoint_step"] == int(steps[0].name.split("-")[1])
+    assert not np.array_equal(earlier.model.params, final.model.params)
+    with pytest.raises(ValueError, match="checkpoint"):
+        teacher_from_checkpoint(tmp_path)
