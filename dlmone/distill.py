@@ -71,10 +71,11 @@ def auc(real: np.ndarray, fake: np.ndarray) -> float:
 
 @dataclass
 class StageConfig:
-    """The loss weights of one stage (SPEC §6.5)."""
+    """The loss weights of one stage (SPEC §6.5), and its length when not ``steps``."""
     alpha: float = 1.2
     b_psi: float = 0.5
     b_g: float = 0.5
+    steps: Optional[int] = None   # None: DistillConfig.steps
 
 
 @dataclass
@@ -116,7 +117,7 @@ class DistillConfig(RunConfig):
     lr_psi: float = 2e-4
     clip_value: float = 1.0
     batch_size: int = 64
-    steps: int = 600                # per stage
+    steps: int = 600                # per stage (a stage's own ``steps`` overrides it)
     eval_every: int = 100
     eval_size: int = 1000            # validation pairs (fewer when the split is smaller): selection noise falls with n
     eval_steps: int = 1             # student inference steps at validation
@@ -137,6 +138,9 @@ class DistillConfig(RunConfig):
             v = getattr(self, name)
             if isinstance(v, Mapping):
                 setattr(self, name, StageConfig(**v))
+            own = getattr(self, name).steps
+            if own is not None and (isinstance(own, bool) or not isinstance(own, int) or own < 1):
+                raise ValueError(f"{name}.steps must be a positive int or None, got {own!r}")
         self.check_positive_ints(("stages", "batch_size", "steps", "eval_every", "eval_size", "log_every", "save_every"))
         if not 0 <= self.t_min <= self.t_max:
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
@@ -168,6 +172,10 @@ class DistillConfig(RunConfig):
 
     def stage(self, n: int) -> StageConfig:
         return self.stage1 if n == 1 else self.stage2
+
+    def stage_steps(self, n: int) -> int:
+        own = self.stage(n).steps
+        return self.steps if own is None else own
 
 
 class Student(SequenceModel):
@@ -538,7 +546,8 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
         if comm.is_root:
             student_now().save(out / "best")
 
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"stage {stage}",
+    steps = config.stage_steps(stage)
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"stage {stage}",
                unit="step", dynamic_ncols=True)
     emit = bar.write if progress else say  # above the bar when there is one
     governor = ThreadGovernor() if config.adaptive_threads else None
@@ -552,7 +561,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
             save_best()
         t0, comm_s0 = time.perf_counter(), comm.seconds
         last_val: Dict[str, float] = {}
-        while step < config.steps:
+        while step < steps:
             wall_before = time.perf_counter()
             idx = rng.integers(0, len(ids), size=config.batch_size)
             s_psi = dist.psi_step(ids[idx], mask[idx], derive_seed(config.seed, stage, step, 0))
@@ -582,7 +591,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 bar.set_postfix(**postfix)
                 log.write(step=step, stage=stage, steps_per_s=config.log_every / dt,
                           skipped_steps=dist.guard.skipped, threads=get_num_threads(), **means)
-            if step % config.eval_every == 0 or step == config.steps:
+            if step % config.eval_every == 0 or step == steps:
                 m = last_val = validation(step)
                 notes = _warn_monitors(m, config, emit) if comm.is_root else []
                 log.write(step=step, stage=stage, warnings=notes, **{f"val_{k}": v for k, v in m.items()})
@@ -596,7 +605,7 @@ def _run_stage(teacher: Teacher, data: Seq2SeqData, config: DistillConfig, stage
                 if improved:
                     best = {"bleu": m["bleu"], "step": step}
                     save_best()
-            if step % config.save_every == 0 or step == config.steps:
+            if step % config.save_every == 0 or step == steps:
                 save_state()
     finally:
         if governor:

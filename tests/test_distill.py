@@ -862,6 +862,23 @@ def test_distill_three_stages_reset_psi_and_continue_g(e2e, tmp_path):
         dataclasses.replace(e2e.config, stages=0)
 
 
+def test_distill_stage_of_its_own_length(e2e, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(e2e.config, stage1=StageConfig(alpha=0.5, steps=2))
+    assert cfg.stage_steps(1) == 2 and cfg.stage_steps(2) == cfg.steps == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        distill(e2e.root / "teacher", e2e.data, cfg, tmp_path / "r", **e2e.kw)
+    for stage, want in ((1, [0, 2]), (2, [0, 2, 4])):
+        recs = [json.loads(line) for line in (tmp_path / "r" / f"stage{stage}/log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if "val_bleu" in r] == want
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="stage2.steps"):
+            DistillConfig(stage2={"steps": bad})
+    assert DistillConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_distill_k_step_generator_end_to_end(e2e, tmp_path):
     import dataclasses
 
