@@ -8,7 +8,8 @@ bf16 (float32 accumulation), GFLOP/s side by side in one run, same thread count:
 - **dlmone**: ``dlmone._core.matmul`` (float32: the fixed tile plan over single-threaded
   scipy-openblas32 blocks; bf16: the AMX kernel of csrc/core/amx.c, float32 inputs
   converted and packed inside the call, as the network calls it);
-- **OpenBLAS**: scipy-openblas32's ``cblas_sgemm``, its own threads;
+- **OpenBLAS**: scipy-openblas32's ``cblas_sgemm`` with its own threads (the library dlmone
+  links, which dlmone keeps single-threaded: the threads are set around each call);
 - **MKL** (``pip install mkl``): ``cblas_sgemm`` and ``cblas_gemm_bf16bf16f32``;
 - **oneDNN** (``pip install onednn``): ``dnnl_sgemm`` and ``dnnl_gemm_bf16bf16f32``;
 - **torch**: ``torch.mm`` (the engines PyTorch's CPU build calls: MKL for float32,
@@ -85,11 +86,15 @@ class Engines:
         except ImportError as e:
             self.torch, self.notes["torch"] = None, str(e)
 
-    def _load_openblas(self):
+    @staticmethod
+    def _load_openblas():
         import scipy_openblas32 as so
-        lib = ctypes.CDLL(os.path.join(so.get_lib_dir(), f"lib{so.get_library()}.so"))
-        lib.scipy_openblas_set_num_threads(ctypes.c_int(self.threads))
-        return lib
+        return ctypes.CDLL(os.path.join(so.get_lib_dir(), f"lib{so.get_library()}.so"))
+
+    def _openblas_threads(self, n: int) -> None:
+        """dlmone runs this same library single-threaded inside its OpenMP blocks (set at
+        import): the OpenBLAS column gets its threads for its own calls only."""
+        self.openblas.scipy_openblas_set_num_threads(ctypes.c_int(n))
 
     def _load(self, name: str, *sonames: str):
         errors = []
@@ -113,7 +118,7 @@ class Engines:
         fns: Dict[str, Callable[[], None]] = {"dlmone": lambda: _core.matmul(a, b, ta, tb, bf16)}
         tA, tB = (CblasTrans if ta else CblasNoTrans), (CblasTrans if tb else CblasNoTrans)
         if not bf16:
-            fns["OpenBLAS"] = lambda: self.openblas.scipy_cblas_sgemm(
+            fns["OpenBLAS"] = lambda: self._openblas_threads(self.threads) or self.openblas.scipy_cblas_sgemm(
                 CblasRowMajor, tA, tB, m, n, k, ctypes.c_float(1.0), f32p(a), lda, f32p(b), ldb,
                 ctypes.c_float(0.0), f32p(c), n)
         if self.mkl is not None:
@@ -142,6 +147,8 @@ class Engines:
         for name in ("OpenBLAS", "MKL", "oneDNN"):  # these write into c: return it
             if name in fns:
                 fns[name] = (lambda f: lambda: (f(), c)[1])(fns[name])
+        if "OpenBLAS" in fns:  # back to dlmone's single-threaded OpenBLAS after each call
+            fns["OpenBLAS"] = (lambda f: lambda: (f(), self._openblas_threads(1))[0])(fns["OpenBLAS"])
         if self.torch is not None:
             torch = self.torch
             dt = torch.bfloat16 if bf16 else torch.float32
