@@ -15,6 +15,7 @@ and warns about every model row that does not beat the constant string.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,17 +54,22 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
+    p.add_argument("--table-only", action="store_true",
+                   help="rebuild table.md, the plot and the warnings from --out's results.json")
     args = p.parse_args()
+    if args.table_only:
+        record = json.loads((Path(args.out) / "results.json").read_text())
+        rows = record.pop("rows")
+        finish(Path(args.out), record, rows, max(r["nfe"] for r in rows if r["kind"] == "teacher"), args.task)
+        return
 
     import dlmone
     from dlmone.builtin_task import make_builtin_task
     from dlmone.config_io import apply_overrides
     from dlmone.data import Seq2SeqData, load_split
-    from dlmone.baselines import constant_warnings
-    from dlmone.demo import TABLE_NOTE, measure_baselines, measure_generation
+    from dlmone.demo import measure_baselines, measure_generation
     from dlmone.metrics import BLEU_PROTOCOL
     from dlmone.distill import DistillConfig, distill
-    from dlmone.plots import bleu_vs_nfe
     from dlmone.teacher import Teacher, TeacherConfig, train_teacher
 
     dlmone.set_num_threads(args.threads)
@@ -134,30 +140,40 @@ def main() -> None:
             run(f"student {vname}, 1 step, MBR of {args.mbr}", "student-mbr", args.mbr, student, eval_pairs,
                 steps=1, num_candidates=args.mbr, diversity=False)
             rows[-1]["distill_s"] = secs
+    record["baselines_by_n"] = {str(n): b for n, b in baselines.items()}
+    finish(out, record, rows, T, args.task)
+
+
+def finish(out: Path, record: dict, rows: list, T: int, task: str) -> None:
+    """Speed-ups, constant-string warnings, results.json, the plot and table.md."""
+    from dlmone.baselines import constant_warnings
+    from dlmone.demo import TABLE_NOTE
+    from dlmone.plots import bleu_vs_nfe
+
+    baselines = record.get("baselines_by_n") or {str(rows[0]["n"]): record["baselines"]}
     base = next(r for r in rows if r["nfe"] == T)["seq_per_s"]
     for r in rows:
         r["speedup_vs_ancestral"] = r["seq_per_s"] / base
     # constant_warnings reads rows of {"name", "scores"}; these rows hold their scores flat
-    warnings = [w for r in rows for w in constant_warnings([{"name": r["name"], "scores": r}], baselines[r["n"]])]
+    warnings = [w for r in rows for w in constant_warnings([{"name": r["name"], "scores": r}], baselines[str(r["n"])])]
     record["warnings"] = warnings
     write_json_atomic(str(out / "results.json"), {**record, "rows": rows})
-    bleu_vs_nfe([r for r in rows if r["kind"] in ("teacher", "student")], out / "bleu_vs_nfe.png", args.task)
+    bleu_vs_nfe([r for r in rows if r["kind"] in ("teacher", "student")], out / "bleu_vs_nfe.png", task)
     lines = ["| generator | NFE/seq | BLEU | BLEU-DS | ROUGE-L | Dist-1 | Len | self-BLEU | seq/s | speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['nfe']} | {r['bleu']:.4f} | {r['bleu_diffuseq']:.4f} | {r['rouge_l']:.4f} | "
                      f"{r['dist1']:.3f} | {r['len']:.1f} | {format(r['self_bleu'], '.3f') if 'self_bleu' in r else '-'} | "
-                     f"{r['seq_per_s']:.1f} | "
-                     f"{r['speedup_vs_ancestral']:.0f}x |")
+                     f"{r['seq_per_s']:.1f} | {r['speedup_vs_ancestral']:.0f}x |")
     for b in record["baselines"]:
         s = b["scores"]
         name = (b["name"] + (f" ({b['output']!r})" if b["output"] is not None else "")).replace("|", "\\|")
         lines.append(f"| {name} | - | {s['bleu']:.4f} | {s['bleu_diffuseq']:.4f} | {s['rouge_l']:.4f} | "
                      f"{s['dist1']:.3f} | {s['len']:.1f} | - | - | - |")
-    lines += ["", TABLE_NOTE + f"; baselines on the same {len(eval_pairs)} sources."] + [""] * bool(warnings) + warnings
+    n_eval = max(r["n"] for r in rows)
+    lines += ["", TABLE_NOTE + f"; baselines on the same {n_eval} sources."] + [""] * bool(warnings) + warnings
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
