@@ -175,5 +175,6 @@ def finish(out: Path, record: dict, rows: list, T: int, task: str) -> None:
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
 if __name__ == "__main__":
     main()

@@ -292,9 +292,10 @@ class Distiller:
         c = self.config
         B = len(ids)
         rows = slice(None) if all_rows else self.comm.rows(B)
-        x_in, t_in = self._generator_input(ids, mask, seed)
+        x_pair = self.phi.embed(ids)          # Emb of the real pairs: source + real target
+        x_in, t_in = self._generator_input(x_pair, mask, seed)
         mask = mask[rows]
-        x_real = self.phi.embed(ids[rows])    # Emb of the real pair: source + real target
+        x_real = x_pair[rows]
         shape = (B,) + x_real.shape[1:]
         m3 = mask[:, :, None] > 0
         rng = np.random.default_rng(derive_seed(seed, 1))
@@ -302,26 +303,27 @@ class Distiller:
         eps = gaussian(shape, derive_seed(seed, 2))[rows]
         return mask, x_real, x_in[rows], t_in[rows], t, eps, m3
 
-    def _generator_input(self, ids: np.ndarray, mask: np.ndarray, seed: int):
-        """G's input for the whole batch: x_init at t_init (SPEC §6.6), or with
-        ``train_steps`` K > 1 the K-step sampler's state at a random step k < K per row,
-        reached by G's earlier steps without gradient (the same on every rank)."""
+    def _generator_input(self, x_src: np.ndarray, mask: np.ndarray, seed: int):
+        """G's input for the whole batch (``x_src``: its embedded pairs, whose source
+        positions G's input keeps): x_init at t_init (SPEC §6.6), or with ``train_steps``
+        K > 1 the K-step sampler's state at a random step k < K per row, reached by G's
+        earlier steps without gradient (the same on every rank)."""
         c = self.config
-        x_src = self.phi.embed(ids)
         m3 = mask[:, :, None] > 0
         z = gaussian(x_src.shape, derive_seed(seed, 0))
         s_init = np.float32(self.diffusion.sqrt_one_minus_alphas_cumprod[c.t_init])
         x_in = np.where(m3, s_init * z, x_src).astype(np.float32)
-        t_in = np.full(len(ids), c.t_init, np.int64)
+        B = len(x_src)
+        t_in = np.full(B, c.t_init, np.int64)
         K = c.train_steps
         if K == 1:
             return x_in, t_in
-        k = np.random.default_rng(derive_seed(seed, 3)).integers(0, K, size=len(ids))
+        k = np.random.default_rng(derive_seed(seed, 3)).integers(0, K, size=B)
         x = x_in
         for i in range(1, int(k.max()) + 1):
             D = np.where(m3, self.G.forward(x, t_in), x_src).astype(np.float32)
             t_i = int(round(c.t_init * (1.0 - i / K)))
-            x_next = self.diffusion.q_sample(D, np.full(len(ids), t_i, np.int64),
+            x_next = self.diffusion.q_sample(D, np.full(B, t_i, np.int64),
                                              gaussian(x_src.shape, derive_seed(seed, 4, i)), mask)
             later = k >= i
             x = np.where(later[:, None, None], x_next, x).astype(np.float32)
@@ -423,7 +425,7 @@ class Distiller:
         """On one batch, with no update: D_ψ's accuracy on real and fake inputs and its AUC,
         and the adversarial share of G's gradient on e_g, ‖∇L_adv‖ / ‖∇L_SiD‖ (SPEC §6.4),
         with this stage's b_G λ_adv. Every rank computes the whole batch."""
-        c, w = self.config, self.weights
+        w = self.weights
         mask, x_real, x_in, t_in, t, eps, m3 = self._batch(ids, mask, seed, all_rows=True)
         n = len(x_real)
         e_g = np.where(m3, self.G.forward(x_in, t_in), x_real).astype(np.float32)
@@ -715,10 +717,7 @@ def _stages(stage: Union[int, str], n_stages: int) -> Tuple[int, ...]:
     """The stage numbers ``distill(stage=...)`` runs."""
     if stage in ("all", "both"):
         return tuple(range(1, n_stages + 1))
-    try:
-        n = int(stage)
-    except (TypeError, ValueError):
-        n = 0
-    if isinstance(stage, bool) or not 1 <= n <= n_stages or str(n) != str(stage):
+    numbers = [str(n) for n in range(1, n_stages + 1)]
+    if isinstance(stage, bool) or str(stage) not in numbers:
         raise ValueError(f"stage must be 'all' or a stage number in 1..{n_stages} (config.stages), got {stage!r}")
-    return (n,)
+    return (int(stage),)

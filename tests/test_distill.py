@@ -630,7 +630,7 @@ def test_frozen_embeddings_after_real_steps(rng):
 def test_k_step_training_input_is_the_samplers_state_at_step_k(rng):
     K, B, seed = 3, 8, 0
     cfg, phi, dist, ids, mask = _setup(rng, B=B, train_steps=K)
-    x, t_in = dist._generator_input(ids, mask, seed)
+    x, t_in = dist._generator_input(phi.embed(ids), mask, seed)
     k = np.random.default_rng(derive_seed(seed, 3)).integers(0, K, size=B)
     assert set(k) == {0, 1, 2}  # every branch below is taken
     t_init = dist.config.t_init
@@ -649,7 +649,7 @@ def test_k_step_training_input_is_the_samplers_state_at_step_k(rng):
         np.testing.assert_allclose(x[b], xb[0], rtol=0, atol=2e-5)
     # one-step training keeps x_init at t_init
     _, _, d1, _, _ = _setup(np.random.default_rng(0), B=B)
-    x1, t1 = d1._generator_input(ids, mask, seed)
+    x1, t1 = d1._generator_input(phi.embed(ids), mask, seed)
     assert np.all(t1 == t_init)
 
 
@@ -659,7 +659,7 @@ def test_k_step_training_step_trains_g_on_that_input(rng, monkeypatch):
                       DistillConfig(clip_value=1e9), stage=1)
     np.copyto(other.G.params, dist.G.params)
     np.copyto(other.psi.params, dist.psi.params)
-    x_in, t_in = dist._generator_input(ids, mask, 5)
+    x_in, t_in = dist._generator_input(phi.embed(ids), mask, 5)
     assert np.any(t_in != dist.config.t_init)
     monkeypatch.setattr(other, "_generator_input", lambda *a: (x_in, t_in))
     a, b = dist.g_step(ids, mask, 5), other.g_step(ids, mask, 5)
