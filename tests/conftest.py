@@ -32,7 +32,7 @@ TINY_SAME = dict(
 # any other skip fails the session when DLMONE_STRICT_SKIPS=1, or CI=true and
 # DLMONE_STRICT_SKIPS unset. A skip matches when one of these is part of its reason.
 ALLOWED_SKIPS = (
-    "no AMX-BF16 on this CPU or build",  # tests/test_model.py: bf16 inference needs AMX
+    "no AMX-BF16 on this CPU or build",  # bf16 on AMX (test_model, test_recipe, test_bf16_training)
     "AddressSanitizer reserves terabytes",  # tests/test_core_safety.py: no RLIMIT_AS under ASan
 )
 

@@ -985,8 +985,8 @@ def test_inference_precision_leaves_training_float32(tiny_cfg, rng):
 
 def test_row_offset_gives_shards_the_whole_batch_dropout(rng):
     """Two halves of a batch, each told its row offset, get the whole batch's dropout
-    masks: the same outputs and input gradients, and parameter gradients that sum to
-    the whole batch's."""
+    masks: the same outputs and input gradients (to rounding), and parameter gradients
+    that sum to the whole batch's."""
     import dlmone
 
     cfg = dlmone.ModelConfig(**dict(TINY, dropout=0.3))
@@ -1002,11 +1002,13 @@ def test_row_offset_gives_shards_the_whole_batch_dropout(rng):
         parts.append(m.forward(x[lo:hi], t[lo:hi], train=True, seed=77, row_offset=lo))
         dxs.append(m.backward(gy[lo:hi]))
         whole -= m.grad_buffer
-    assert np.array_equal(np.concatenate(parts), y)
-    assert np.array_equal(np.concatenate(dxs), dx)
+    # the same masks; the products' last bits may differ with the number of rows (OpenBLAS
+    # picks its kernels by shape: seen with its Haswell kernels, not with SkylakeX's)
+    np.testing.assert_allclose(np.concatenate(parts), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(dxs), dx, rtol=1e-5, atol=1e-6)
     assert np.abs(whole).max() < 1e-5
-    # without the offset the second half would reuse the first rows' masks
-    assert not np.array_equal(m.forward(x[2:], t[2:], train=True, seed=77), y[2:])
+    # without the offset the second half would reuse the first rows' masks: far off
+    assert np.abs(m.forward(x[2:], t[2:], train=True, seed=77) - y[2:]).max() > 1e-2
     with pytest.raises(ValueError, match="row_offset"):
         m.forward(x, t, train=True, seed=77, row_offset=-1)
 

@@ -230,7 +230,7 @@ def test_self_conditioning_bad_input(rng, tiny_cfg):
 @pytest.mark.parametrize("same", [False, True], ids=["proj", "same"])
 def test_self_conditioning_bf16_inference(rng, same):
     if not dlmone._core.build_info()["amx_bf16"]:
-        pytest.skip("no AMX-BF16 on this machine")
+        pytest.skip("no AMX-BF16 on this CPU or build")
     cfg = make_config(**(TINY_SAME if same else {}), self_conditioning=True)
     m = make_model(cfg, rng)
     x, xs = (rng.standard_normal((2, 9, cfg.emb_dim)).astype(np.float32) for _ in range(2))
