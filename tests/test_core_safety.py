@@ -100,16 +100,19 @@ OOM_SCRIPT = textwrap.dedent(
     x_small = np.random.default_rng(0).standard_normal((2, 64, 8)).astype(np.float32)
     t_small = np.array([3.0, 700.0], np.float32)
     y_ref = m.forward(x_small, t_small)
-    _core.linear(np.ones((64, 64), np.float32), np.ones((64, 64), np.float32))
+    _core.linear(np.ones((512, 512), np.float32), np.ones((512, 512), np.float32))  # OpenBLAS in every thread
     _core.affine_argmax(np.ones((3, 8), np.float32), np.ones((5, 8), np.float32), np.zeros(5, np.float32))
     x_big = np.zeros((2**14, 64, 8), np.float32)
     t_big = np.zeros(2**14, np.float32)
-    lin_x = np.zeros((4096, 16384), np.float32)  # K >= 4 max(M, N): a K-split product
-    lin_w = np.zeros((4096, 16384), np.float32)
+    lin_x = np.zeros((240, 24576), np.float32)  # 58 tiles, K >= 2 max(M, N): 2 K chunks
+    lin_w = np.zeros((12000, 24576), np.float32)
     W_vocab = np.zeros((2**22, 1), np.float32)
     c_vocab = np.zeros(2**22, np.float32)
     headroom = 256 << 20
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    # first, before other failures leave freed memory behind: room for the output only
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size() + lin_x.shape[0] * lin_w.shape[0] * 4 + (4 << 20), hard))
+    split_k = outcome(lambda: _core.linear(lin_x, lin_w))
     resource.setrlimit(resource.RLIMIT_AS, (vm_size() + headroom, hard))
     out = {
         # 2 x 512 MiB of parameters and gradients
@@ -117,8 +120,8 @@ OOM_SCRIPT = textwrap.dedent(
         # about 1 GiB of activations
         "forward": outcome(lambda: m.forward(x_big, t_big)),
         "backward_after_failed_forward": outcome(lambda: m.backward(np.ones_like(x_small))),
-        # 64 MiB output, 256 MiB of partial sums
-        "linear_split_k": outcome(lambda: _core.linear(lin_x, lin_w)),
+        # 11 MiB output, 22 MiB of partial sums
+        "linear_split_k": split_k,
         # 1 GiB of scores per thread
         "affine_argmax": outcome(lambda: _core.affine_argmax(np.ones((1, 1), np.float32), W_vocab, c_vocab)),
     }

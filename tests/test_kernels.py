@@ -124,7 +124,10 @@ def test_kernel_entry_points_reject_bad_input():
         _core.timestep_embedding(np.zeros(2, np.float32), 1)
 
 
-def _at_threads(fn, counts=(1, 2)):
+THREAD_COUNTS = (1, 2, 3, 4, 8)
+
+
+def _at_threads(fn, counts=THREAD_COUNTS):
     """fn() at each OpenMP thread count; the count is restored afterwards."""
     import dlmone
 
@@ -145,22 +148,23 @@ def _assert_product_close(got, ref, K, name):
     assert err < 1e-5 * np.sqrt(K) * np.abs(ref).max() + 1e-6, f"{name}: max error {err:.3e}"
 
 
-# tile_plan() in csrc/core/kernels.c splits products of >= 2^21 multiply-adds in 4: over K
-# when there is no epilogue and K >= 4 max(M, N), else over rows (M >= N, M >= 64), else
-# over columns (N >= 64); the comments name the branch with bias / without.
+# matmul_plan() in csrc/core/kernels.c splits products of >= 2^21 multiply-adds in tiles of
+# at least 128 rows by 192 columns and 2^24 multiply-adds, and, with no epilogue and
+# K >= max(512, 2 max(M, N)) when there are fewer than 64 tiles, K in chunks; the
+# comments name the plan with bias / without.
 @pytest.mark.parametrize("M,K,N", [
     (1, 1, 1),          # one call / one call
     (7, 33, 5),         # one call / one call
-    (300, 64, 700),     # columns / columns
-    (2048, 128, 384),   # rows / rows
-    (2049, 40, 96),     # rows with a short last block / rows
-    (384, 2048, 128),   # rows / K split
-    (65, 1000, 97),     # columns / K split
-    (48, 1200, 40),     # one call (M, N < 64) / K split
+    (2049, 300, 96),    # 4 row tiles, the last short / the same
+    (40, 400, 2030),    # 5 column tiles / the same
+    (600, 256, 800),    # 2 x 2 tiles / the same
+    (384, 2048, 128),   # 3 row tiles / 3 row tiles x 2 K chunks
+    (64, 11000, 48),    # one call / 2 K chunks
+    (48, 1200, 40),     # one call / one call (too little work for a tile)
 ])
 def test_linear_matches_numpy_and_is_thread_independent(M, K, N):
     """The tiled product y = x w^T (+ b), bias epilogue or none, against float64, and
-    bitwise the same for 1 and 2 threads."""
+    bitwise the same for 1, 2, 3, 4 and 8 threads."""
     rng = np.random.default_rng(M * 7 + N)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
@@ -169,18 +173,20 @@ def test_linear_matches_numpy_and_is_thread_independent(M, K, N):
     for bias in (b, None):
         args = (x, w) if bias is None else (x, w, bias)
         outs = _at_threads(lambda: _core.linear(*args))
-        assert np.array_equal(outs[0], outs[1]), "1 and 2 threads differ"
+        for threads, out in zip(THREAD_COUNTS[1:], outs[1:]):
+            assert np.array_equal(outs[0], out), f"1 and {threads} threads differ"
         _assert_product_close(outs[0], ref if bias is None else ref + b, K, f"bias={bias is not None}")
 
 
 @pytest.mark.parametrize("V,E,M", [
-    (96, 40, 3000),  # dW = dlogits^T h: K split (A transposed, accumulating); dh = dlogits W: rows
-    (48, 1000, 50),  # dW: columns (A transposed); dh: columns
+    (300, 130, 3000),  # dW = dlogits^T h: 2 row tiles x 4 K chunks (A transposed, accumulating); dh = dlogits W: 5 row tiles
+    (120, 140, 2200),  # dW: 2 K chunks; dh: 2 row tiles
+    (48, 1000, 50),    # dW: one call; dh: one call
 ])
 def test_weight_gradient_products_match_numpy_and_are_thread_independent(V, E, M):
     """Model.logits_backward runs linear_backward: dh = g W (B not transposed), dW += g^T h
     (A transposed, accumulating into the gradients), db += colsum(g); against float64, the
-    second call doubles the gradients exactly, and 1 and 2 threads agree bitwise."""
+    second call doubles the gradients exactly, and 1, 2, 3, 4 and 8 threads agree bitwise."""
     rng = np.random.default_rng(V + E + M)
     h = rng.standard_normal((M, E)).astype(np.float32)
     g = rng.standard_normal((M, V)).astype(np.float32)
@@ -197,8 +203,9 @@ def test_weight_gradient_products_match_numpy_and_are_thread_independent(V, E, M
         return dh, first[w_off:w_off + V * E].reshape(V, E), first[b_off:b_off + V], W
 
     outs = _at_threads(run)
-    for a, b in zip(outs[0], outs[1]):
-        assert np.array_equal(a, b), "1 and 2 threads differ"
+    for threads, out in zip(THREAD_COUNTS[1:], outs[1:]):
+        for a, b in zip(outs[0], out):
+            assert np.array_equal(a, b), f"1 and {threads} threads differ"
     dh, dW, db, W = outs[0]
     g64, h64 = g.astype(np.float64), h.astype(np.float64)
     _assert_product_close(dh, g64 @ W, V, "dh")

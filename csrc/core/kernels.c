@@ -18,57 +18,85 @@ static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alph
 
 /* How a product is split over threads; the plan depends on the shape only, never on
  * the thread count, so every C element is computed by the same sgemm calls and summed
- * in the same order (bitwise the same results) for 1 or many threads.
+ * in the same order (bitwise the same results) for any number of threads.
  *  - small products (< MM_MIN_SPLIT multiply-adds): one call;
- *  - K much longer than the output (the weight gradients dW = dy^T x, K = batch rows):
- *    MM_PARTS chunks of K into separate buffers, then summed in chunk order;
- *  - else MM_PARTS blocks of rows when M >= N (each re-packs the smaller B), else of
- *    columns (each re-packs A). */
-#define MM_PARTS 4
+ *  - else tiles of the output, at least MM_TILE_M rows by MM_TILE_N columns and
+ *    MM_TILE_WORK multiply-adds (a side shorter than twice its tile's stays whole), so
+ *    the tile count grows with M N;
+ *  - products with no epilogue whose K is at least twice the output's longer side (the
+ *    weight gradients dW = dy^T x, K = the batch rows; the tied head's dh = G W, K = V)
+ *    and whose output gives fewer than MM_MIN_TILES tiles also cut K in chunks (of at
+ *    least MM_CHUNK_K and MM_TILE_WORK a tile), each chunk's product into its own buffer,
+ *    summed in chunk order.
+ * Each tile is a single-threaded sgemm. Its sides keep the packing copies near 1% of its
+ * multiply-adds, and its work keeps OpenBLAS's per-call cost (buffer pool, locks) small:
+ * 4x smaller tiles cost up to a third of the 2-thread speed at K 256 (measured). */
 #define MM_MIN_SPLIT ((size_t)1 << 21)
+#define MM_TILE_M 128
+#define MM_TILE_N 192
+#define MM_TILE_WORK ((size_t)1 << 24)
+#define MM_CHUNK_K 256
+#define MM_MIN_TILES 64
 
-typedef struct {
-    size_t tm, tn, tk; /* tile rows, columns, and K per chunk (tk < K: a K split) */
-} TilePlan;
+static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
-static size_t part_size(size_t n, size_t align) {
-    size_t p = (n + MM_PARTS - 1) / MM_PARTS;
-    return (p + align - 1) / align * align;
+/* n cut in parts of at least `least` (rounded up to `align`); the part size */
+static size_t part_of(size_t n, size_t least, size_t align) {
+    size_t parts = n / least ? n / least : 1;
+    return ceil_div(ceil_div(n, parts), align) * align;
 }
 
-static TilePlan tile_plan(size_t M, size_t N, size_t K, int can_split_k) {
-    TilePlan t = {M, N, K};
+MatmulPlan matmul_plan(size_t M, size_t N, size_t K, int plain) {
+    MatmulPlan t = {M, N, K, 1, 1, 1};
     if (M * N * K < MM_MIN_SPLIT) return t;
-    size_t big = M > N ? M : N;
-    if (can_split_k && K >= MM_PARTS * big) t.tk = part_size(K, 64);
-    else if (M >= N && M >= 64) t.tm = part_size(M, 32);
-    else if (N >= 64) t.tn = part_size(N, 64);
+    size_t lm = MM_TILE_M, ln = MM_TILE_N; /* least tile sides: grown to the least work */
+    while (lm * ln * K < MM_TILE_WORK && (2 * lm <= M || 2 * ln <= N)) {
+        if (2 * ln <= N && (ln <= lm || 2 * lm > M)) ln *= 2;
+        else lm *= 2;
+    }
+    t.tm = part_of(M, lm, 32);
+    t.tn = part_of(N, ln, 16);
+    t.mt = ceil_div(M, t.tm);
+    t.nt = ceil_div(N, t.tn);
+    size_t tiles = t.mt * t.nt;
+    if (plain && tiles < MM_MIN_TILES && K >= 2 * MM_CHUNK_K && K >= 2 * (M > N ? M : N)) {
+        size_t chunks = K / MM_CHUNK_K, want = ceil_div(MM_MIN_TILES, tiles);
+        size_t by_work = K * (t.tm * t.tn) / MM_TILE_WORK;
+        if (chunks > by_work) chunks = by_work > 1 ? by_work : 1;
+        t.tk = ceil_div(ceil_div(K, chunks < want ? chunks : want), 16) * 16;
+        t.kt = ceil_div(K, t.tk);
+    }
     return t;
 }
 
-/* C = alpha op(A) op(B) + beta C as MM_PARTS products over chunks of K, each into its own
- * buffer, summed in chunk order. Returns 0, or -1 when the buffers cannot be had: no
+/* C = alpha op(A) op(B) + beta C over the plan's tiles and K chunks, each chunk into its
+ * own buffer, summed in chunk order. Returns 0, or -1 when the buffers cannot be had: no
  * fallback to another plan, whose different summation order would change the bits. */
-static int matmul_split_k(int ta, int tb, size_t M, size_t N, size_t K, size_t tk, float alpha,
-                          const float *A, size_t lda, const float *B, size_t ldb, float beta,
-                          float *C, size_t ldc) {
-    size_t nk = (K + tk - 1) / tk, n;
-    if (dl_mul_overflows(nk * sizeof(float), M, &n) || dl_mul_overflows(n, N, &n)) return -1;
+static int matmul_split_k(int ta, int tb, size_t M, size_t N, size_t K, const MatmulPlan *p,
+                          float alpha, const float *A, size_t lda, const float *B, size_t ldb,
+                          float beta, float *C, size_t ldc) {
+    size_t n;
+    if (dl_mul_overflows(p->kt * sizeof(float), M, &n) || dl_mul_overflows(n, N, &n)) return -1;
     float *part = malloc(n);
     if (!part) return -1;
+    size_t tiles = p->mt * p->nt;
 #pragma omp parallel for schedule(static)
-    for (size_t c = 0; c < nk; c++) {
-        size_t k0 = c * tk, k1 = k0 + tk < K ? k0 + tk : K;
-        const float *Ac = ta ? A + k0 * lda : A + k0;
-        const float *Bc = tb ? B + k0 : B + k0 * ldb;
-        sgemm_block(ta, tb, M, N, k1 - k0, alpha, Ac, lda, Bc, ldb, 0.0f, part + c * M * N, N);
+    for (size_t item = 0; item < tiles * p->kt; item++) {
+        size_t c = item / tiles, tile = item % tiles;
+        size_t m0 = tile / p->nt * p->tm, n0 = tile % p->nt * p->tn, k0 = c * p->tk;
+        size_t m1 = m0 + p->tm < M ? m0 + p->tm : M, n1 = n0 + p->tn < N ? n0 + p->tn : N;
+        size_t k1 = k0 + p->tk < K ? k0 + p->tk : K;
+        const float *At = ta ? A + k0 * lda + m0 : A + m0 * lda + k0;
+        const float *Bt = tb ? B + n0 * ldb + k0 : B + k0 * ldb + n0;
+        sgemm_block(ta, tb, m1 - m0, n1 - n0, k1 - k0, alpha, At, lda, Bt, ldb, 0.0f,
+                    part + c * M * N + m0 * N + n0, N);
     }
 #pragma omp parallel for schedule(static) if (M * N > DL_PAR_MIN)
     for (size_t m = 0; m < M; m++) {
         float *c = C + m * ldc;
         for (size_t n = 0; n < N; n++) {
             float s = part[m * N + n];
-            for (size_t k = 1; k < nk; k++) s += part[k * M * N + m * N + n];
+            for (size_t k = 1; k < p->kt; k++) s += part[k * M * N + m * N + n];
             c[n] = beta == 0.0f ? s : beta * c[n] + s;
         }
     }
@@ -126,23 +154,22 @@ int matmul_epilogue(int ta, int tb, size_t M, size_t N, size_t K, float alpha, c
     }
     DL_PROFILE_BEGIN;
     int plain = !epi || epi->kind == EPI_NONE;
-    TilePlan plan = tile_plan(M, N, K, plain);
-    if (plan.tk < K) {
-        int r = matmul_split_k(ta, tb, M, N, K, plan.tk, alpha, A, lda, B, ldb, beta, C, ldc);
+    MatmulPlan plan = matmul_plan(M, N, K, plain);
+    if (plan.kt > 1) {
+        int r = matmul_split_k(ta, tb, M, N, K, &plan, alpha, A, lda, B, ldb, beta, C, ldc);
         DL_PROFILE_END(DL_K_MATMUL);
         return r;
     }
-    size_t tm = plan.tm, tn = plan.tn;
-    size_t mt = (M + tm - 1) / tm, nt = (N + tn - 1) / tn;
-#pragma omp parallel for schedule(static) if (mt * nt > 1)
-    for (size_t tile = 0; tile < mt * nt; tile++) {
+    size_t tm = plan.tm, tn = plan.tn, nt = plan.nt;
+#pragma omp parallel for schedule(static) if (plan.mt * nt > 1)
+    for (size_t tile = 0; tile < plan.mt * nt; tile++) {
         size_t m0 = tile / nt * tm, n0 = tile % nt * tn;
         size_t m1 = m0 + tm < M ? m0 + tm : M, n1 = n0 + tn < N ? n0 + tn : N;
         const float *At = ta ? A + m0 : A + m0 * lda;
         const float *Bt = tb ? B + n0 * ldb : B + n0;
         sgemm_block(ta, tb, m1 - m0, n1 - n0, K, alpha, At, lda, Bt, ldb, beta, C + m0 * ldc + n0,
                     ldc);
-        if (epi && epi->kind != EPI_NONE) apply_epilogue(epi, C, ldc, m0, m1, n0, n1);
+        if (!plain) apply_epilogue(epi, C, ldc, m0, m1, n0, n1);
     }
     DL_PROFILE_END(DL_K_MATMUL);
     return 0;

@@ -35,6 +35,15 @@ typedef struct {
 } Bf16Products;
 extern _Thread_local Bf16Products *dl_bf16_products;
 
+/* How matmul_epilogue splits a product in float32 (kernels.c says why): tiles of tm x tn
+ * outputs, mt x nt of them, and K in kt chunks of tk (kt > 1 only with no epilogue,
+ * `plain`, and K long against the output). A function of the shape only. */
+typedef struct {
+    size_t tm, tn, tk;
+    size_t mt, nt, kt;
+} MatmulPlan;
+MatmulPlan matmul_plan(size_t M, size_t N, size_t K, int plain);
+
 /* C[M,N] = alpha*op(A)*op(B) + beta*C, row-major, in tiles whose plan depends on the
  * shape only, spread over OpenMP threads; each tile gets the epilogue (may be NULL).
  * Every size and leading dimension must be <= DL_BLAS_MAX (the callers check).

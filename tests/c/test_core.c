@@ -2,7 +2,7 @@
  * reach every branch of matmul_epilogue's tile plan against a double-precision loop,
  * layer kernels against double-precision references and their finite differences, the
  * optimiser kernels, whole-model forward + backward passes, and the text paths (text.c).
- * Every check runs at 1, 2 and 3 OpenMP threads and the results must be bitwise
+ * Every check runs at 1, 2, 3, 4 and 8 OpenMP threads and the results must be bitwise
  * identical. Built and run by the Makefile beside it (plain, ASan + UBSan,
  * ThreadSanitizer). Exit status 1 on any failure. */
 #include <stdio.h>
@@ -25,8 +25,8 @@ static int failures;
     } while (0)
 
 #ifdef _OPENMP
-static const int THREAD_COUNTS[] = {1, 2, 3};
-#define N_THREAD_COUNTS 3
+static const int THREAD_COUNTS[] = {1, 2, 3, 4, 8};
+#define N_THREAD_COUNTS 5
 static void set_threads(int n) { omp_set_num_threads(n); }
 #else
 static const int THREAD_COUNTS[] = {1};
@@ -100,12 +100,13 @@ static void same_bits(const char *what, const float *a, const float *b, size_t n
 
 /* ---- matrix products ------------------------------------------------------------ */
 
-/* Each case names the branch of tile_plan() in csrc/core/kernels.c it reaches (products of
- * at least MM_MIN_SPLIT = 2^21 multiply-adds are split in MM_PARTS = 4): one call; K
- * chunks (no epilogue and K >= 4 max(M, N)); row blocks (M >= N, M >= 64); column
- * blocks (N >= 64); or one call again when neither M nor N reaches 64. Sizes are not
- * multiples of the block alignments, so the last block is a short one; `pad` widens
- * the leading dimensions to catch stride mistakes. */
+/* Each case names the branch of matmul_plan() in csrc/core/kernels.c it reaches (products
+ * of at least MM_MIN_SPLIT = 2^21 multiply-adds are split): one call; row tiles (at least
+ * 128 rows and 2^24 multiply-adds each); column tiles (at least 192 columns); both; K
+ * chunks (no epilogue, fewer than 64 output tiles, K >= 512 and >= twice the output's
+ * longer side), alone or with output tiles. Sizes are
+ * not multiples of the tile alignments, so the last tiles are short ones; `pad` widens the
+ * leading dimensions to catch stride mistakes. */
 typedef struct {
     const char *branch;
     int ta, tb;
@@ -118,18 +119,23 @@ typedef struct {
 static const MatmulCase MATMUL_CASES[] = {
     {"one call (small)", 0, 1, 7, 5, 33, 1.0f, 0.0f, EPI_BIAS, 0},
     {"one call (small, 1 x 1 x 1)", 1, 0, 1, 1, 1, 1.0f, 0.0f, EPI_NONE, 0},
-    {"rows, bias", 0, 1, 2049, 96, 40, 1.0f, 0.0f, EPI_BIAS, 0},
-    {"rows, bias + GELU", 0, 1, 1000, 200, 64, 1.0f, 0.0f, EPI_BIAS_GELU, 3},
-    {"rows, GELU gradient", 0, 0, 1024, 160, 48, 1.0f, 0.0f, EPI_GELU_GRAD, 0},
-    {"rows, accumulate (dx += dy W)", 0, 0, 1500, 64, 96, 1.0f, 1.0f, EPI_NONE, 2},
-    {"columns, bias", 0, 1, 40, 1030, 80, 1.0f, 0.0f, EPI_BIAS, 0},
-    {"columns, A transposed", 1, 0, 48, 700, 128, 1.0f, 0.0f, EPI_NONE, 5},
-    {"columns, both transposed", 1, 1, 50, 900, 64, 0.5f, 0.0f, EPI_NONE, 0},
-    {"K split, weight gradient (dW += dy^T x)", 1, 0, 96, 40, 3000, 1.0f, 1.0f, EPI_NONE, 0},
-    {"K split, x W^T", 0, 1, 64, 48, 2500, 0.5f, 0.0f, EPI_NONE, 1},
-    {"K split, neither transposed, beta 0.5", 0, 0, 30, 50, 2000, 1.0f, 0.5f, EPI_NONE, 0},
-    {"K split, both transposed", 1, 1, 20, 33, 4000, 1.0f, 0.0f, EPI_NONE, 0},
-    {"one call (large, M and N < 64)", 0, 1, 48, 40, 1200, 1.0f, 0.0f, EPI_BIAS, 0},
+    {"rows, bias", 0, 1, 2049, 96, 300, 1.0f, 0.0f, EPI_BIAS, 0},
+    {"rows, bias + GELU", 0, 1, 1100, 200, 256, 1.0f, 0.0f, EPI_BIAS_GELU, 3},
+    {"rows, GELU gradient", 0, 0, 1024, 160, 400, 1.0f, 0.0f, EPI_GELU_GRAD, 0},
+    {"rows, accumulate (dx += dy W)", 0, 0, 1500, 64, 512, 1.0f, 1.0f, EPI_NONE, 2},
+    {"rows, K long but with an epilogue", 0, 1, 300, 40, 2000, 1.0f, 0.0f, EPI_BIAS, 0},
+    {"columns, bias", 0, 1, 40, 2030, 400, 1.0f, 0.0f, EPI_BIAS, 0},
+    {"columns, A transposed", 1, 0, 48, 1700, 512, 1.0f, 0.0f, EPI_NONE, 5},
+    {"columns, both transposed", 1, 1, 50, 1900, 400, 0.5f, 0.0f, EPI_NONE, 0},
+    {"rows and columns, bias + GELU", 0, 1, 600, 800, 256, 1.0f, 0.0f, EPI_BIAS_GELU, 1},
+    {"rows and columns, accumulate", 0, 0, 560, 800, 256, 1.0f, 1.0f, EPI_NONE, 0},
+    {"K chunks, weight gradient (dW += dy^T x)", 1, 0, 120, 140, 2200, 1.0f, 1.0f, EPI_NONE, 0},
+    {"K chunks, both transposed", 1, 1, 100, 90, 4000, 1.0f, 0.0f, EPI_NONE, 0},
+    {"K chunks, x W^T", 0, 1, 64, 48, 11000, 0.5f, 0.0f, EPI_NONE, 1},
+    {"K chunks, neither transposed, beta 0.5", 0, 0, 100, 100, 3400, 1.0f, 0.5f, EPI_NONE, 0},
+    {"K chunks and tiles, weight gradient, beta 0.5", 1, 0, 520, 100, 2400, 1.0f, 0.5f, EPI_NONE, 3},
+    {"K chunks and tiles, the head's dh = G W", 0, 0, 300, 130, 3000, 1.0f, 0.0f, EPI_NONE, 0},
+    {"one call (large, too little work a tile)", 0, 1, 48, 40, 1200, 1.0f, 0.0f, EPI_BIAS, 0},
 };
 
 static void test_matmul_case(const MatmulCase *c, uint64_t *s) {
@@ -209,10 +215,55 @@ static void test_matmul_case(const MatmulCase *c, uint64_t *s) {
     free(got), free(got_act), free(first), free(first_act);
 }
 
+/* The case reaches the branch its name says. */
+static void check_branch(const MatmulCase *c) {
+    MatmulPlan p = matmul_plan(c->M, c->N, c->K, c->epi == EPI_NONE);
+    int one = p.mt == 1 && p.nt == 1 && p.kt == 1;
+    CHECK(!!strstr(c->branch, "one call") == one, "%s: plan %zu x %zu tiles, %zu K chunks",
+          c->branch, p.mt, p.nt, p.kt);
+    CHECK(!!strstr(c->branch, "K chunks") == (p.kt > 1), "%s: %zu K chunks", c->branch, p.kt);
+    if (strstr(c->branch, "rows")) CHECK(p.mt > 1, "%s: %zu row tiles", c->branch, p.mt);
+    if (strstr(c->branch, "columns")) CHECK(p.nt > 1, "%s: %zu column tiles", c->branch, p.nt);
+    if (strstr(c->branch, "tiles")) CHECK(p.mt * p.nt > 1, "%s: one tile", c->branch);
+}
+
 static void test_matmul(uint64_t *s) {
     size_t n = sizeof(MATMUL_CASES) / sizeof(MATMUL_CASES[0]);
-    for (size_t i = 0; i < n; i++) test_matmul_case(&MATMUL_CASES[i], s);
+    for (size_t i = 0; i < n; i++) {
+        check_branch(&MATMUL_CASES[i]);
+        test_matmul_case(&MATMUL_CASES[i], s);
+    }
     printf("matmul_epilogue: %zu shapes (every tile-plan branch) against double precision\n", n);
+}
+
+/* The plan scales with the thread count: at DiffuSeq base's shapes (B 16 x L 128 rows,
+ * H 768, FFN 3072) every product of a transformer layer (forward, dx, dW: 12 layers, 97%
+ * of a step's multiply-adds) offers at least 64 independent work items (tiles times K
+ * chunks). The tied head (V 30522, E 128, in float32 chunks of 128 rows) has K = 128 on
+ * two of its products, whose tiles need more outputs to pay for a call: at least 16. */
+static void test_matmul_plan_scales(void) {
+    const size_t M = 16 * 128, H = 768, F = 3072, E = 128, V = 30522, R = 128;
+    const size_t layer[][2] = {{H, 3 * H}, {H, H}, {H, F}, {F, H}}; /* in, out */
+    size_t least = (size_t)-1, head_least = (size_t)-1;
+    for (size_t i = 0; i < 4; i++) {
+        size_t in = layer[i][0], out = layer[i][1];
+        MatmulPlan p[3] = {matmul_plan(M, out, in, 0),  /* y = x W^T + b */
+                           matmul_plan(M, in, out, 1),  /* dx = dy W */
+                           matmul_plan(out, in, M, 1)}; /* dW += dy^T x */
+        for (int j = 0; j < 3; j++) {
+            size_t items = p[j].mt * p[j].nt * p[j].kt;
+            CHECK(items >= 64, "layer product %zu -> %zu (%d): %zu work items", in, out, j, items);
+            if (items < least) least = items;
+        }
+    }
+    MatmulPlan head[3] = {matmul_plan(R, V, E, 0), matmul_plan(R, E, V, 1), matmul_plan(V, E, R, 1)};
+    for (int j = 0; j < 3; j++) {
+        size_t items = head[j].mt * head[j].nt * head[j].kt;
+        CHECK(items >= 16, "tied head product %d: %zu work items", j, items);
+        head_least = items < head_least ? items : head_least;
+    }
+    printf("matmul_plan: at base shapes every layer product offers >= %zu work items, the "
+           "head's >= %zu\n", least, head_least);
 }
 
 /* ---- layernorm -------------------------------------------------------------------- */
@@ -750,11 +801,12 @@ int main(void) {
     scipy_openblas_set_num_threads(1); /* as dlmone._core does: OpenMP splits the products */
     uint64_t s = 20240611;
 #ifdef _OPENMP
-    printf("OpenMP: results compared at 1, 2 and 3 threads\n");
+    printf("OpenMP: results compared at 1, 2, 3, 4 and 8 threads\n");
 #else
     printf("built without OpenMP: one thread only\n");
 #endif
     test_matmul(&s);
+    test_matmul_plan_scales();
     test_layernorm(&s);
     test_activations(&s);
     test_attention(&s);
