@@ -61,13 +61,21 @@ def main() -> None:
                                     save_every=args.teacher_steps, seed=0, eval_size=128),
                       data, work / "teacher", **quiet)
     teacher = Teacher.load(work / "teacher" / "teacher")
-    teacher_bleu = measure_generation(teacher, data.test, method="ancestral")["scores"]["bleu"]
+    scores_path = work / "teacher" / "scores.json"  # the teacher's figures, measured once per --work
+    if scores_path.exists():
+        scores = json.loads(scores_path.read_text())
+    else:
+        scores = {"bleu": measure_generation(teacher, data.test, method="ancestral")["scores"]["bleu"],
+                  # the teacher's DDIM curve on the same sources, for the students' BLEU-vs-NFE comparison
+                  "ddim": {k: measure_generation(teacher, data.test, method="ddim", steps=k,
+                                                 diversity=False)["scores"]["bleu"] for k in STEPS + (10,)},
+                  "baselines": {b["name"]: b["scores"]["bleu"]
+                                for b in measure_baselines(teacher, data.test, data.train, data.valid)}}
+        write_json_atomic(str(scores_path), scores)
+    teacher_bleu, baselines = scores["bleu"], scores["baselines"]
+    teacher_ddim = {int(k): v for k, v in scores["ddim"].items()}
     print(f"teacher, 2000 ancestral steps, {len(data.test)} test sources: BLEU {teacher_bleu:.4f}", flush=True)
-    # the teacher's DDIM curve on the same sources, for the students' BLEU-vs-NFE comparison
-    teacher_ddim = {k: measure_generation(teacher, data.test, method="ddim", steps=k, diversity=False)["scores"]["bleu"]
-                    for k in STEPS + (10,)}
     print("teacher DDIM: " + " ".join(f"{k} step(s) {v:.4f}" for k, v in teacher_ddim.items()), flush=True)
-    baselines = {b["name"]: b["scores"]["bleu"] for b in measure_baselines(teacher, data.test, data.train, data.valid)}
     for name, bleu in baselines.items():
         print(f"{name}: BLEU {bleu:.4f}", flush=True)
     result = {"machine": machine_info(), "teacher_bleu": teacher_bleu, "teacher_ddim": teacher_ddim,
