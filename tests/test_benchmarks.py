@@ -68,6 +68,23 @@ def test_run_all_rejects_unknown_section(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_ab_builds_compares_a_build_with_itself(tmp_path):
+    """benchmarks/ab_builds.py on this checkout against itself: one round, small, 1 thread."""
+    root = BENCH.parent
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(root), str(root), "--rounds", "1",
+                           "--presets", "small", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _strict_json(out.read_text())
+    row = doc["fastest"]["small 1t"]
+    assert row["a_s"] > 0 and row["b_s"] > 0 and math.isclose(row["b_speed_over_a"], row["a_s"] / row["b_s"])
+    assert all(r["dlmone"].startswith(str(root)) for runs in doc["rounds"].values() for r in runs)
+    bad = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(root), str(root), "--presets", "huge"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown preset" in bad.stderr
+
+
 def test_row_status_both_directions(common):
     Row = common.Row
     assert Row("s", "n", "u", 3.0, 2.0, 1.5).status == "PASS"
