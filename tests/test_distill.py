@@ -285,11 +285,11 @@ def test_kernels_reject_bad_inputs(rng):
 
 def test_distill_config_validation_and_round_trip():
     c = DistillConfig(stage1={"alpha": 1.0, "b_psi": 0.2, "b_g": 0.3}, disc_head="linear")
-    assert c.stage(1) == StageConfig(1.0, 0.2, 0.3) and c.stage(2) == StageConfig(0.5, 0.9, 0.1)
+    assert c.stage(1) == StageConfig(1.0, 0.2, 0.3) and c.stage(2) == StageConfig(0.0, 0.9, 0.1)
     assert DistillConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     d = DistillConfig()
     assert (d.t_init, d.t_min, d.t_max, d.lr_g, d.lr_psi, d.clip_value) == (1490, 0, 1976, 5e-5, 2e-4, 1.0)
-    assert d.stage1 == StageConfig(0.5, 0.5, 0.5)
+    assert d.stage1 == StageConfig(0.0, 0.5, 0.5)
     for bad in (dict(disc_head="mlp"), dict(disc_head="mean"), dict(psi_warmup=-1), dict(adv_start=1.5),
                 dict(g_ema=1.0), dict(adv_weight=-1.0), dict(disc_weight=-0.5), dict(t_min=5, t_max=4), dict(eval_steps=9), dict(steps=0),
                 dict(lr_g=0.0), dict(clip_value=-1.0), dict(batch_size=True)):

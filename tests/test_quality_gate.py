@@ -7,17 +7,18 @@ deterministic for a seed and bitwise the same for any thread count, so the ratio
 fixed number on a given build; a change that costs the student quality fails here.
 About 4 minutes on 2 cores.
 
-The gate is 80%, not the issue's 85%: a fresh demo scores 82.4% (student 0.2506 against
-the teacher's 0.3040; over 3 distillation seeds of an earlier demo teacher, 85.7%, RESULTS
-§11b), so 85% is not met, and the gate sits under what is measured by a margin for
-other CPUs' BLAS kernels. The defaults of before issue 14's changes (α 1.2 in stage 1,
-no EMA of G) scored 74-78%.
+The gate is the issue's 85%: with α 0 in both stages (the default since session 6) a
+fresh demo scores 91.9% (student 0.2839 against the teacher's 0.3090, on an AMD EPYC with
+OpenBLAS's Haswell kernels; over 3 distillation seeds of the same recipe's teacher,
+91.2% ± 2.5%, RESULTS §11c). Other CPUs' BLAS kernels change the last bits and with them
+the trajectory; the margin covers about 2.5 sd of the seed spread. Earlier defaults: α 0.5
+scored 82-84%, α 1.2 without an EMA of G 74-78%.
 """
 from __future__ import annotations
 
 import json
 
-GATE = 0.80
+GATE = 0.85
 
 
 def test_demo_student_keeps_85_percent_of_the_teacher(tmp_path):
