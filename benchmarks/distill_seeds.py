@@ -61,7 +61,8 @@ def main() -> None:
                                     save_every=args.teacher_steps, seed=0, eval_size=128),
                       data, work / "teacher", **quiet)
     teacher = Teacher.load(work / "teacher" / "teacher")
-    scores_path = work / "teacher" / "scores.json"  # the teacher's figures, measured once per --work
+    # the teacher's figures on these test sources, measured once per --work and --n-test
+    scores_path = work / "teacher" / f"scores-{len(data.test)}.json"
     if scores_path.exists():
         scores = json.loads(scores_path.read_text())
     else:

@@ -237,8 +237,8 @@ static void test_matmul(uint64_t *s) {
 }
 
 /* The plan scales with the thread count: at DiffuSeq base's shapes (B 16 x L 128 rows,
- * H 768, FFN 3072) every product of a transformer layer (forward, dx, dW: 12 layers, 97%
- * of a step's multiply-adds) offers at least 64 independent work items (tiles times K
+ * H 768, FFN 3072) every product of a transformer layer (forward, dx, dW: 12 layers, 94%
+ * of the multiply-adds of a step's products outside attention) offers at least 64 independent work items (tiles times K
  * chunks). The tied head (V 30522, E 128, in float32 chunks of 128 rows) has K = 128 on
  * two of its products, whose tiles need more outputs to pay for a call: at least 16. */
 static void test_matmul_plan_scales(void) {
