@@ -85,6 +85,39 @@ def test_ab_builds_compares_a_build_with_itself(tmp_path):
     assert bad.returncode == 2 and "unknown preset" in bad.stderr
 
 
+def test_distill_seeds_on_a_diffuseq_folder(tmp_path):
+    """benchmarks/distill_seeds.py on a real task: a folder of QQP pairs, a teacher's training
+    checkpoint as --teacher, one seed of two 2-step stages, scored on 3 test sources."""
+    from conftest import SHARED_DATA
+    from dlmone.data import load_split
+    from dlmone.teacher import TeacherConfig, train_teacher
+
+    if not (SHARED_DATA / "qqp").is_dir():
+        pytest.skip("no shared data folder")
+    task = tmp_path / "qqp"
+    task.mkdir()
+    for split, n in (("train", 300), ("valid", 12), ("test", 3)):
+        pairs = load_split(SHARED_DATA / "qqp", split, limit=n)
+        (task / f"{split}.jsonl").write_text("".join(json.dumps({"src": s, "trg": t}) + "\n" for s, t in pairs))
+    train_teacher(TeacherConfig(preset="tiny", steps=4, vocab_size=200, seq_len=24, batch_size=8, save_every=4,
+                                eval_every=4, eval_size=4, eval_bleu=0), task, tmp_path / "teacher", progress=False)
+    out = tmp_path / "seeds.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "distill_seeds.py"), "--task", str(task), "--teacher",
+                           str(tmp_path / "teacher" / "checkpoints" / "step-00000004"), "--work", str(tmp_path / "w"),
+                           "--stage-steps", "2", "--seeds", "0", "--n-test", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = _strict_json(out.read_text())
+    assert doc["task"] == str(task) and doc["n_test"] == 3 and doc["teacher_info"] == {"checkpoint_step": 4}
+    assert 0 <= doc["teacher_bleu"] <= 1 and set(doc["teacher_ddim"]) == {"1", "2", "4", "8", "10"}
+    (run,) = doc["variants"]["default"]["runs"]
+    assert all(0 <= run[str(k)] <= 1 for k in (1, 2, 4, 8))
+    assert 0 <= run["init_val_bleu"] <= 1 and [r["step"] in (0, 1, 2) for r in run["selected"]] == [True, True]
+    bad = subprocess.run([sys.executable, str(BENCH / "distill_seeds.py"), "--teacher", str(tmp_path / "teacher"),
+                          "--out", str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--teacher goes with" in bad.stderr
+
+
 def test_row_status_both_directions(common):
     Row = common.Row
     assert Row("s", "n", "u", 3.0, 2.0, 1.5).status == "PASS"
