@@ -102,7 +102,8 @@ class DistillConfig(RunConfig):
     # target entries, the DSM term over E per position (SiDA multiplies its GAN term by
     # C·H·W). λ_adv: L_G = L_SiD + b_G λ_adv n_b BCE_b; λ_D: L_ψ = DSM + b_ψ λ_D E ½(BCE_real
     # + BCE_fake). Calibrated on the built-in task (RESULTS §11): the adversarial share of
-    # G's gradient ‖∇L_adv‖/‖∇L_SiD‖ is 0.15-0.3 in stage 1, D's AUC 0.5-0.62.
+    # G's gradient ‖∇L_adv‖/‖∇L_SiD‖ is 0.15-0.3 in stage 1, D's AUC 0.5-0.62. The share is
+    # what to match on another task: on QQP (§13b) 100 gives 0.3-0.6 and hurts, 10 gives ~0.1 and helps.
     adv_weight: float = 100.0
     disc_weight: float = 6.0
     psi_warmup: int = 0             # ψ-only steps at the start of each stage (G frozen)
