@@ -12,8 +12,8 @@ and ``--seeds`` with no seed measures them alone.
 
     python benchmarks/distill_seeds.py --out benchmarks/results/distill_seeds.json \\
         --variant sid_only='{"adversarial": false}' --variant default='{}' --seeds 0 1 2
-    python benchmarks/distill_seeds.py --task ../shared/data/qqp --teacher runs/qqp-long/checkpoints/step-00010000 \\
-        --work runs/qqp-seeds --n-test 300 --out benchmarks/results/qqp_seeds.json
+    python benchmarks/distill_seeds.py --task ../shared/data/qqp --teacher runs/qqp-long/checkpoints/step-00006000 \\
+        --work runs/qqp-seeds --n-test 200 --stage-steps 200 --variant 'tinit1999={"t_init": 1999}' --seeds 0
 """
 import argparse
 import json
