@@ -71,7 +71,13 @@ class BuildCore(build_ext):
     def build_extensions(self):
         cc = self.compiler.compiler_so[0]
         ext = self.extensions[0]
-        flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+        # -fno-trapping-math: without it GCC will not if-convert the selects in mathfun.h's
+        # exp/erf/tanh (an arm might raise an FP exception), so every loop that calls them
+        # (GELU, softmax, cross-entropy) stays scalar. It changes no result: nothing here
+        # unmasks FP traps, and unlike -ffast-math it neither reassociates nor flushes
+        # subnormals.
+        flags = ["-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-Wall",
+                 "-Wno-unknown-pragmas"]
         native = os.environ.get("DLMONE_NATIVE", "0") == "1"
         levels = _compiles(cc, ["-march=" + ISA_LEVELS[-1][1]]) and _compiles(cc, [], LEVELS_PROBE, run=True)
         if levels:
