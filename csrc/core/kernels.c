@@ -112,6 +112,14 @@ static inline float gelu_grad(float x) {
     return fmaf(x * dl_expf(-0.5f * x * x), inv_sqrt_2pi, cdf);
 }
 
+/* gelu'(x) from y = gelu(x) = x Phi(x): Phi = y / x (to an ulp or two of computing it
+ * again from erf; 1/2 where x is too small to divide by), + x phi(x). */
+static inline float gelu_grad_from_act(float x, float y) {
+    const float inv_sqrt_2pi = 0.3989422804014327f;
+    float cdf = fabsf(x) > 1e-20f ? y / x : 0.5f;
+    return fmaf(x * dl_expf(-0.5f * x * x), inv_sqrt_2pi, cdf); /* explicit fma: gelu_grad */
+}
+
 static void bias_row(float *restrict c, const float *restrict bias, size_t n) {
 #pragma omp simd
     for (size_t j = 0; j < n; j++) c[j] += bias[j];
@@ -132,12 +140,20 @@ static void gelu_grad_row(float *restrict c, const float *restrict x, size_t n) 
     for (size_t j = 0; j < n; j++) c[j] *= gelu_grad(x[j]);
 }
 
+static void gelu_grad_act_row(float *restrict c, const float *restrict x,
+                              const float *restrict y, size_t n) {
+#pragma omp simd
+    for (size_t j = 0; j < n; j++) c[j] *= gelu_grad_from_act(x[j], y[j]);
+}
+
 void apply_epilogue(const Epilogue *e, float *C, size_t ldc, size_t m0, size_t m1,
                            size_t n0, size_t n1) {
     for (size_t m = m0; m < m1; m++) {
         size_t off = m * ldc + n0;
         if (e->kind == EPI_BIAS) bias_row(C + off, e->bias + n0, n1 - n0);
         else if (e->kind == EPI_BIAS_GELU) bias_gelu_row(C + off, e->out + off, e->bias + n0, n1 - n0);
+        else if (e->kind == EPI_GELU_GRAD && e->act)
+            gelu_grad_act_row(C + off, e->in + off, e->act + off, n1 - n0);
         else if (e->kind == EPI_GELU_GRAD) gelu_grad_row(C + off, e->in + off, n1 - n0);
     }
 }
@@ -214,7 +230,7 @@ int linear_backward(float *dx, float *dW, float *db, const float *dy, const floa
 
 int linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
                          const float *W, const float *gelu_in, size_t M, size_t in, size_t out) {
-    Epilogue e = {EPI_GELU_GRAD, NULL, NULL, gelu_in};
+    Epilogue e = {EPI_GELU_GRAD, NULL, NULL, gelu_in, x}; /* x = gelu(gelu_in) */
     if (matmul_epilogue(0, 0, M, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in, &e)) return -1;
     if (dW && matmul(1, 0, out, in, M, 1.0f, dy, out, x, in, 1.0f, dW, in)) return -1;
     if (db) colsum_accumulate(db, dy, M, out);

@@ -10,13 +10,15 @@
 /* What matmul_epilogue does to each finished tile of C (rows m, columns n):
  * EPI_BIAS:      C += bias[n]
  * EPI_BIAS_GELU: C += bias[n]; out = gelu(C)           (out has C's layout)
- * EPI_GELU_GRAD: C *= gelu'(in)                         (in has C's layout) */
+ * EPI_GELU_GRAD: C *= gelu'(in)                         (in has C's layout; with act =
+ *                gelu(in) as EPI_BIAS_GELU made it, gelu' reuses its erf: one exp less) */
 typedef enum { EPI_NONE, EPI_BIAS, EPI_BIAS_GELU, EPI_GELU_GRAD } EpilogueKind;
 typedef struct {
     EpilogueKind kind;
     const float *bias;
     float *out;
     const float *in;
+    const float *act;
 } Epilogue;
 
 /* Rows m0..m1, columns n0..n1 of C (row stride ldc) get the epilogue; the matrix
@@ -63,7 +65,8 @@ int linear_forward(float *y, const float *x, const float *W, const float *b,
  * dx, dW, db may be NULL to skip them. 0, or -1 out of memory (see matmul_epilogue). */
 int linear_backward(float *dx, float *dW, float *db, const float *dy, const float *x,
                     const float *W, size_t M, size_t in, size_t out, int accumulate_dx);
-/* As linear_backward for a layer whose input x = gelu(gelu_in): dx = (dy W) * gelu'(gelu_in),
+/* As linear_backward for a layer whose input x = gelu(gelu_in), as EPI_BIAS_GELU computed it
+ * (its erf is reused): dx = (dy W) * gelu'(gelu_in),
  * the gradient with respect to gelu_in (dx required, overwritten). */
 int linear_backward_gelu(float *dx, float *dW, float *db, const float *dy, const float *x,
                          const float *W, const float *gelu_in, size_t M, size_t in, size_t out);

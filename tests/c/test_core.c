@@ -114,6 +114,7 @@ typedef struct {
     float alpha, beta;
     EpilogueKind epi;
     size_t pad;
+    int with_act; /* EPI_GELU_GRAD given act = gelu(in) as EPI_BIAS_GELU computes it */
 } MatmulCase;
 
 static const MatmulCase MATMUL_CASES[] = {
@@ -122,6 +123,10 @@ static const MatmulCase MATMUL_CASES[] = {
     {"rows, bias", 0, 1, 2049, 96, 300, 1.0f, 0.0f, EPI_BIAS, 0},
     {"rows, bias + GELU", 0, 1, 1100, 200, 256, 1.0f, 0.0f, EPI_BIAS_GELU, 3},
     {"rows, GELU gradient", 0, 0, 1024, 160, 400, 1.0f, 0.0f, EPI_GELU_GRAD, 0},
+    {"rows, GELU gradient from the forward's act", 0, 0, 1024, 160, 400, 1.0f, 0.0f, EPI_GELU_GRAD, 2, 1},
+    /* K 1: the product exact to rounding, so the tolerance is the GELU gradient's own */
+    {"one call, GELU gradient, K 1", 0, 0, 64, 300, 1, 1.0f, 0.0f, EPI_GELU_GRAD, 0},
+    {"one call, GELU gradient from the act, K 1", 0, 0, 64, 300, 1, 1.0f, 0.0f, EPI_GELU_GRAD, 1, 1},
     {"rows, accumulate (dx += dy W)", 0, 0, 1500, 64, 512, 1.0f, 1.0f, EPI_NONE, 2},
     {"rows, K long but with an epilogue", 0, 1, 300, 40, 2000, 1.0f, 0.0f, EPI_BIAS, 0},
     {"columns, bias", 0, 1, 40, 2030, 400, 1.0f, 0.0f, EPI_BIAS, 0},
@@ -151,6 +156,15 @@ static void test_matmul_case(const MatmulCase *c, uint64_t *s) {
     fill(C0, M * ldc, 1.0f, s);
     fill(bias, N, 1.0f, s);
     fill(gelu_in, M * ldc, 3.0f, s);
+    float *gelu_act = NULL;
+    if (c->with_act) { /* the forward's epilogue on gelu_in, zero bias */
+        float *pre = copy_floats(gelu_in, M * ldc), *zero = floats(N);
+        gelu_act = floats(M * ldc);
+        memset(zero, 0, N * sizeof(float));
+        Epilogue fwd = {EPI_BIAS_GELU, zero, gelu_act, NULL, NULL};
+        apply_epilogue(&fwd, pre, ldc, 0, M, 0, N);
+        free(pre), free(zero);
+    }
 
     /* reference in double, and the scale of each entry's sum for its tolerance */
     double *ref = doubles(M * N), *act_ref = doubles(M * N), *mag = doubles(M * N);
@@ -177,7 +191,7 @@ static void test_matmul_case(const MatmulCase *c, uint64_t *s) {
         set_threads(THREAD_COUNTS[ti]);
         float *C = copy_floats(C0, M * ldc), *act = floats(M * ldc);
         memset(act, 0, M * ldc * sizeof(float));
-        Epilogue e = {c->epi, bias, act, gelu_in};
+        Epilogue e = {c->epi, bias, act, gelu_in, gelu_act};
         matmul_epilogue(c->ta, c->tb, M, N, K, c->alpha, A, lda, B, ldb, c->beta, C, ldc, &e);
         for (size_t m = 0; m < M; m++) {
             memcpy(got + m * N, C + m * ldc, N * sizeof(float));
@@ -211,7 +225,8 @@ static void test_matmul_case(const MatmulCase *c, uint64_t *s) {
         free(C);
         free(act);
     }
-    free(A), free(B), free(C0), free(bias), free(gelu_in), free(ref), free(act_ref), free(mag);
+    free(A), free(B), free(C0), free(bias), free(gelu_in), free(gelu_act), free(ref), free(act_ref),
+        free(mag);
     free(got), free(got_act), free(first), free(first_act);
 }
 
