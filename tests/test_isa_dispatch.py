@@ -122,21 +122,26 @@ def test_unknown_level_fails_import():
 
 
 def _functions_by_level(disassembly):
-    """{level: {function: set of vector register kinds}} for the functions of the .so that
-    lie between the first and the last entry point of each level's build (the builds
-    are linked one after the other, so this includes their OpenMP-outlined regions)."""
-    blocks = []  # (function, {"ymm", "zmm"} used)
+    """{level: {function: its instructions}} for the functions of the .so that lie between
+    the first and the last entry point of each level's build (the builds are linked one
+    after the other, so this includes their OpenMP-outlined regions)."""
+    blocks = []  # (function, [instruction lines])
     for line in disassembly.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
         if head:
-            blocks.append((head.group(1), set()))
-        elif blocks:
-            blocks[-1][1].update(re.findall(r"%([yz]mm)\d", line))
+            blocks.append((head.group(1), []))
+        elif blocks and line.strip():
+            blocks[-1][1].append(line)
     out = {}
     for level in LEVELS:
         at = [i for i, (name, _) in enumerate(blocks) if name.endswith("__" + level)]
-        out[level] = {} if not at else {name: regs for name, regs in blocks[at[0]:at[-1] + 1]}
+        out[level] = {} if not at else dict(blocks[at[0]:at[-1] + 1])
     return out
+
+
+def _vector_registers(lines):
+    """The kinds of wide vector register ("ymm", "zmm") that instructions use."""
+    return {kind for line in lines for kind in re.findall(r"%([yz]mm)\d", line)}
 
 
 @dispatching
@@ -146,11 +151,17 @@ def test_each_level_has_its_own_machine_code():
     text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], capture_output=True, text=True,
                           check=True).stdout
     by_level = _functions_by_level(text)
-    used = {level: set().union(*fns.values()) for level, fns in by_level.items()}
+    used = {level: set().union(*map(_vector_registers, fns.values())) for level, fns in by_level.items()}
     assert used["baseline"] == set() and "zmm" not in used["avx2"], used
     if "-O3" not in INFO["cflags"]:
         return  # the sanitizer build's -O1 does not vectorise
     # AVX-512 reaches the parallel regions and the inlined exp/erf of mathfun.h
     for fn in ("apply_epilogue__avx512", "gelu_forward._omp_fn.0", "layernorm_forward._omp_fn.0"):
-        assert "zmm" in by_level["avx512"].get(fn, ()), fn
-        assert by_level["baseline"].get(fn.replace("avx512", "baseline")) == set(), fn
+        assert "zmm" in _vector_registers(by_level["avx512"].get(fn, ())), fn
+        assert _vector_registers(by_level["baseline"].get(fn.replace("avx512", "baseline"), ())) == set(), fn
+    # ... and the GELU epilogue's erf itself, not only its bias loop: its division runs on
+    # whole vectors. (Under GCC's default -ftrapping-math it stayed scalar, vdivss: every
+    # loop calling mathfun.h's exp/erf/tanh did, at 1.67x the cost of a small step.)
+    for level, reg in (("avx2", "ymm"), ("avx512", "zmm")):
+        lines = by_level[level].get("apply_epilogue__" + level, ())
+        assert any(re.search(r"\bvdivps\b.*%" + reg, line) for line in lines), level
