@@ -106,8 +106,8 @@ OOM_SCRIPT = textwrap.dedent(
     t_big = np.zeros(2**14, np.float32)
     lin_x = np.zeros((240, 24576), np.float32)  # 58 tiles, K >= 2 max(M, N): 2 K chunks
     lin_w = np.zeros((12000, 24576), np.float32)
-    W_vocab = np.zeros((2**22, 1), np.float32)
-    c_vocab = np.zeros(2**22, np.float32)
+    W_wide = np.zeros((1, 2**20), np.float32)
+    x_wide = np.ones((1, 2**20), np.float32)
     headroom = 256 << 20
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     # first, before other failures leave freed memory behind: room for the output only
@@ -122,8 +122,8 @@ OOM_SCRIPT = textwrap.dedent(
         "backward_after_failed_forward": outcome(lambda: m.backward(np.ones_like(x_small))),
         # 11 MiB output, 22 MiB of partial sums
         "linear_split_k": split_k,
-        # 1 GiB of scores per thread
-        "affine_argmax": outcome(lambda: _core.affine_argmax(np.ones((1, 1), np.float32), W_vocab, c_vocab)),
+        # 1 GiB of gathered rows (256 x 2^20 floats) per thread
+        "affine_argmax": outcome(lambda: _core.affine_argmax(x_wide, W_wide, np.zeros(1, np.float32))),
     }
     out["forward_after"] = bool(np.array_equal(m.forward(x_small, t_small), y_ref))
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

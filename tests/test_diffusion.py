@@ -522,7 +522,7 @@ def test_affine_argmax(rng):
     V, E = 41, 9
     W = rng.standard_normal((V, E)).astype(np.float32)
     c = rng.standard_normal(V).astype(np.float32)
-    for shape in [(E,), (130, E), (3, 50, E)]:  # more than one block of 64 rows
+    for shape in [(E,), (300, E), (3, 100, E)]:  # more than one block of 256 rows
         x = rng.standard_normal(shape).astype(np.float32)
         tok = _core.affine_argmax(x, W, c)
         assert tok.dtype == np.int64 and tok.shape == shape[:-1]
@@ -537,6 +537,30 @@ def test_affine_argmax(rng):
         _core.affine_argmax(x, W, c, active[:, :-1].copy())
     with pytest.raises(ValueError, match="c"):
         _core.affine_argmax(x, W, c[:-1])
+
+
+def test_affine_argmax_across_vocabulary_blocks():
+    """The vocabulary is scanned in blocks (4096 entries): still the first index of the
+    largest score, as one left-to-right scan with '>' (a NaN never wins)."""
+    V = 10000
+    x = np.ones((2, 1), np.float32)  # scores are exactly W[:, 0] + c
+
+    def argmax(values, c=None):
+        W = np.asarray(values, np.float32).reshape(V, 1)
+        return _core.affine_argmax(x, W, np.zeros(V, np.float32) if c is None else c)[0]
+
+    base = np.linspace(-1.0, 0.0, V, dtype=np.float32)[::-1].copy()  # falling: 0 wins
+    assert argmax(base) == 0
+    v = base.copy(); v[9000] = 5.0
+    assert argmax(v) == 9000  # in the last block
+    v[100] = 5.0
+    assert argmax(v) == 100  # a tie goes to the first, blocks apart
+    v = base.copy(); v[4095] = v[4096] = 5.0
+    assert argmax(v) == 4095  # a tie across a block boundary
+    v = base.copy(); v[4096] = np.nan; v[5000] = 5.0
+    assert argmax(v) == 5000  # a NaN opening a block does not hide it
+    c = np.zeros(V, np.float32); c[7000] = 9.0
+    assert argmax(v, c) == 7000  # the offsets count
 
 
 def test_clamp_to_embeddings(rng, tiny_cfg):

@@ -175,18 +175,39 @@ int tied_cross_entropy(float *nll, float *dh, float *dW, float *db, const float 
     return 0;
 }
 
-#define ARGMAX_ROWS 64
+/* affine_argmax in blocks of ARGMAX_ROWS rows x ARGMAX_COLS vocabulary entries: W is packed
+ * by OpenBLAS once per row block (at 64 rows and the whole vocabulary, the packing was a
+ * quarter of the time), and a block's scores (4 MiB) stay in cache for their scan. */
+#define ARGMAX_ROWS 256
+#define ARGMAX_COLS 4096
 
-/* Per thread: scores S[ARGMAX_ROWS, V], the gathered rows xs[ARGMAX_ROWS, E]. */
-static int argmax_scratch_floats(size_t E, size_t V, size_t *n) {
-    return dl_mul_overflows(ARGMAX_ROWS, V + E, n);
+/* Per thread: scores S[ARGMAX_ROWS, ARGMAX_COLS], the gathered rows xs[ARGMAX_ROWS, E]. */
+static int argmax_scratch_floats(size_t E, size_t *n) {
+    return dl_mul_overflows(ARGMAX_ROWS, ARGMAX_COLS + E, n);
+}
+
+/* best, *bv: the first index of the largest s[j] + c[j] of the n entries, where it beats
+ * *bv (NaN never does); as one left-to-right scan with a strict '>', vectorised in two. */
+static void argmax_update(const float *restrict s, const float *restrict c, size_t n, size_t v0,
+                          size_t *best, float *bv) {
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (size_t j = 0; j < n; j++) {
+        float val = s[j] + c[j];
+        mx = val > mx ? val : mx;
+    }
+    if (!(mx > *bv)) return;
+    size_t j = 0;
+    while (!(s[j] + c[j] == mx)) j++;
+    *best = v0 + j;
+    *bv = mx;
 }
 
 int affine_argmax(int64_t *tokens, const float *x, const float *W, const float *c,
                   const uint8_t *active, size_t M, size_t E, size_t V) {
     int threads = dl_max_threads();
     size_t per_thread, bytes;
-    if (argmax_scratch_floats(E, V, &per_thread) ||
+    if (argmax_scratch_floats(E, &per_thread) ||
         dl_mul_overflows(per_thread * sizeof(float), (size_t)threads, &bytes))
         return -1;
     float *scratch = malloc(bytes);
@@ -195,8 +216,9 @@ int affine_argmax(int64_t *tokens, const float *x, const float *W, const float *
     size_t nb = (M + ARGMAX_ROWS - 1) / ARGMAX_ROWS;
 #pragma omp parallel num_threads(threads)
     {
-        float *S = scratch + (size_t)dl_thread_id() * per_thread, *xs = S + ARGMAX_ROWS * V;
-        size_t rows[ARGMAX_ROWS];
+        float *S = scratch + (size_t)dl_thread_id() * per_thread, *xs = S + ARGMAX_ROWS * ARGMAX_COLS;
+        size_t rows[ARGMAX_ROWS], best[ARGMAX_ROWS];
+        float bv[ARGMAX_ROWS];
 #pragma omp for schedule(dynamic)
         for (size_t blk = 0; blk < nb; blk++) {
             size_t m0 = blk * ARGMAX_ROWS, m1 = m0 + ARGMAX_ROWS < M ? m0 + ARGMAX_ROWS : M, k = 0;
@@ -207,21 +229,19 @@ int affine_argmax(int64_t *tokens, const float *x, const float *W, const float *
                 k++;
             }
             if (!k) continue;
-            SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)k, (blasint)V, (blasint)E, 1.0f,
-                  xs, (blasint)E, W, (blasint)E, 0.0f, S, (blasint)V);
-            for (size_t i = 0; i < k; i++) {
-                const float *sr = S + i * V;
-                size_t best = 0;
-                float bv = sr[0] + c[0];
-                for (size_t v = 1; v < V; v++) {
-                    float val = sr[v] + c[v];
-                    if (val > bv) {
-                        bv = val;
-                        best = v;
+            for (size_t v0 = 0; v0 < V; v0 += ARGMAX_COLS) {
+                size_t nc = V - v0 < ARGMAX_COLS ? V - v0 : ARGMAX_COLS;
+                SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)k, (blasint)nc, (blasint)E,
+                      1.0f, xs, (blasint)E, W + v0 * E, (blasint)E, 0.0f, S, (blasint)nc);
+                for (size_t i = 0; i < k; i++) {
+                    if (v0 == 0) { /* the scan starts at entry 0 */
+                        best[i] = 0;
+                        bv[i] = S[i * nc] + c[0];
                     }
+                    argmax_update(S + i * nc, c + v0, nc, v0, &best[i], &bv[i]);
                 }
-                tokens[rows[i]] = (int64_t)best;
             }
+            for (size_t i = 0; i < k; i++) tokens[rows[i]] = (int64_t)best[i];
         }
     }
     free(scratch);
