@@ -77,6 +77,9 @@ def run(ctx: Context) -> List[Row]:
         del model, ref, step
         gc.collect()
 
+    if "small" in measured:
+        rows.append(_rounding_loss_row(ctx))
+
     preset = ctx.pick(MFU_PRESET)
     if preset in measured:
         m = measured[preset]
@@ -99,6 +102,52 @@ def run(ctx: Context) -> List[Row]:
     ctx.info[SECTION_TRAIN] = {"torch_adamw": ctx.torch_adamw, "dropout": 0.0,
                                "flops_formula": common.train_step_flops.__doc__}
     return rows
+
+
+ROUNDING_VOCAB = 30522  # BERT's, the vocabulary of the real data sets (QQP, ...)
+
+
+def _rounding_loss_row(ctx: Context) -> Row:
+    """The teacher's rounding loss (SPEC §4: cross-entropy of the tied logits x0·Wᵀ + b on
+    every position) with its gradients, at the small preset with BERT's vocabulary, where it
+    costs more than the network's step (the train-step rows above leave it out): dlmone's
+    fused tied_cross_entropy against the logits-then-cross_entropy PyTorch code of DiffuSeq."""
+    import torch
+
+    shape, plan = BENCH_BATCH["small"], ctx.plan(PLANS["small"], QUICK)
+    B, L, V = shape["batch"], shape["seq_len"], ROUNDING_VOCAB
+    cfg, model, ref = common.model_pair("small", L, seed=ctx.seed, vocab_size=V)
+    rng = np.random.default_rng(ctx.seed + 2)
+    h = rng.standard_normal((B, L, cfg.emb_dim)).astype(np.float32)
+    tokens = rng.integers(0, V, size=(B, L))
+    scale = np.full((B, L), 1.0 / (B * L), np.float32)
+    h_t, tok_t, scale_t = torch.from_numpy(h).requires_grad_(), torch.from_numpy(tokens), torch.from_numpy(scale)
+
+    def dl_loss():
+        model.zero_grad()
+        return model.tied_cross_entropy(h, tokens, scale)
+
+    def th_loss():
+        ref.zero_grad()
+        h_t.grad = None
+        nll = torch.nn.functional.cross_entropy(ref.get_logits(h_t).reshape(-1, V), tok_t.reshape(-1),
+                                                reduction="none").reshape(B, L)
+        (nll * scale_t).sum().backward()
+        return nll
+
+    nll, dh = dl_loss()
+    nll_t = th_loss()
+    check = {"nll_max_abs_diff": float(np.max(np.abs(nll - nll_t.detach().numpy()))),
+             "grad_h_max_abs_diff": float(np.max(np.abs(dh - h_t.grad.numpy()))),
+             "grad_h_max_abs": float(np.max(np.abs(dh)))}
+    log(f"rounding loss small, V {V}: {check}")
+    tm = common.interleaved({"dlmone": dl_loss, "torch": th_loss}, reps=plan["reps"],
+                            warmup=plan["warmup"], min_block_s=plan["min_block"])
+    return Row(SECTION_TRAIN, f"small rounding loss, tied head V {V}, fwd+bwd, batch {B}x{L}", "tok/s",
+               B * L / tm["dlmone"].median, B * L / tm["torch"].median,
+               note="the teacher step's loss term the train-step rows leave out; torch materialises the logits",
+               details={"batch": B, "seq_len": L, "vocab_size": V, "emb_dim": cfg.emb_dim, "check": check,
+                        "timings": {k: v.to_dict() for k, v in tm.items()}})
 
 
 def run_scaling(ctx: Context) -> List[Row]:
