@@ -202,13 +202,18 @@ int linear_forward(float *y, const float *x, const float *W, const float *b, siz
     return matmul_epilogue(0, 1, M, out, in, 1.0f, x, in, W, in, 0.0f, y, out, &e);
 }
 
+/* Columns a block of colsum_accumulate: each column is summed over the rows in order
+ * whatever the block, so its width changes no bit; 1 KiB of each row at a time streams
+ * where 128 bytes a row (COL_BLOCK) left each row's other lines to be fetched again. */
+#define COLSUM_BLOCK 256
+
 void colsum_accumulate(float *out, const float *x, size_t M, size_t C) {
     DL_PROFILE_BEGIN;
-    size_t nb = (C + COL_BLOCK - 1) / COL_BLOCK;
+    size_t nb = (C + COLSUM_BLOCK - 1) / COLSUM_BLOCK;
 #pragma omp parallel for schedule(static) if (M * C > DL_PAR_MIN)
     for (size_t blk = 0; blk < nb; blk++) {
-        size_t c0 = blk * COL_BLOCK, c1 = c0 + COL_BLOCK < C ? c0 + COL_BLOCK : C;
-        float acc[COL_BLOCK] = {0};
+        size_t c0 = blk * COLSUM_BLOCK, c1 = c0 + COLSUM_BLOCK < C ? c0 + COLSUM_BLOCK : C;
+        float acc[COLSUM_BLOCK] = {0};
         for (size_t m = 0; m < M; m++) {
             const float *row = x + m * C;
 #pragma omp simd
