@@ -104,20 +104,22 @@ static int matmul_split_k(int ta, int tb, size_t M, size_t N, size_t K, const Ma
     return 0;
 }
 
-static inline float gelu_grad(float x) {
+/* gelu'(x) = Phi(x) + x phi(x), given cdf = Phi(x). */
+static inline float gelu_grad_with_cdf(float x, float cdf) {
     const float inv_sqrt_2pi = 0.3989422804014327f;
-    float cdf = 0.5f * (1.0f + dl_erff(x * (float)M_SQRT1_2));
     /* explicit fma: left to the compiler, the vector loop and its scalar remainder
      * contract differently, and results would depend on where threads split */
     return fmaf(x * dl_expf(-0.5f * x * x), inv_sqrt_2pi, cdf);
 }
 
+static inline float gelu_grad(float x) {
+    return gelu_grad_with_cdf(x, 0.5f * (1.0f + dl_erff(x * (float)M_SQRT1_2)));
+}
+
 /* gelu'(x) from y = gelu(x) = x Phi(x): Phi = y / x (to an ulp or two of computing it
- * again from erf; 1/2 where x is too small to divide by), + x phi(x). */
+ * again from erf; 1/2 where x is too small to divide by). */
 static inline float gelu_grad_from_act(float x, float y) {
-    const float inv_sqrt_2pi = 0.3989422804014327f;
-    float cdf = fabsf(x) > 1e-20f ? y / x : 0.5f;
-    return fmaf(x * dl_expf(-0.5f * x * x), inv_sqrt_2pi, cdf); /* explicit fma: gelu_grad */
+    return gelu_grad_with_cdf(x, fabsf(x) > 1e-20f ? y / x : 0.5f);
 }
 
 static void bias_row(float *restrict c, const float *restrict bias, size_t n) {
