@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, write_json_atomic  # noqa: E402
 
-SHAPES = {"small": (64, 32, {"vocab_size": 16000}), "diffuseq_base": (128, 8, {})}
+SHAPES = {"tiny": (32, 64, {}), "small": (64, 32, {"vocab_size": 16000}), "diffuseq_base": (128, 8, {})}
 
 CHILD = r"""
 import json, sys, time

@@ -20,21 +20,26 @@ static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alph
  * the thread count, so every C element is computed by the same sgemm calls and summed
  * in the same order (bitwise the same results) for any number of threads.
  *  - small products (< MM_MIN_SPLIT multiply-adds): one call;
- *  - else tiles of the output, at least MM_TILE_M rows by MM_TILE_N columns and
- *    MM_TILE_WORK multiply-adds (a side shorter than twice its tile's stays whole), so
- *    the tile count grows with M N;
+ *  - else tiles of the output, at least MM_TILE_M rows by MM_TILE_N columns (a side
+ *    shorter than twice its tile's stays whole) and a tile's least work: MM_TILE_WORK
+ *    multiply-adds, or a 1/MM_FEW_TILES share of a smaller product (down to
+ *    MM_MIN_SPLIT), so the tile count grows with M N and a mid-sized product still
+ *    gives every thread a part;
  *  - products with no epilogue whose K is at least twice the output's longer side (the
  *    weight gradients dW = dy^T x, K = the batch rows; the tied head's dh = G W, K = V)
  *    and whose output gives fewer than MM_MIN_TILES tiles also cut K in chunks (of at
- *    least MM_CHUNK_K and MM_TILE_WORK a tile), each chunk's product into its own buffer,
- *    summed in chunk order.
+ *    least MM_CHUNK_K and a tile's least work), each chunk's product into its own
+ *    buffer, summed in chunk order.
  * Each tile is a single-threaded sgemm. Its sides keep the packing copies near 1% of its
  * multiply-adds, and its work keeps OpenBLAS's per-call cost (buffer pool, locks) small:
- * 4x smaller tiles cost up to a third of the 2-thread speed at K 256 (measured). */
+ * 4x smaller tiles cost up to a third of the 2-thread speed at K 256 (measured). Without
+ * the 1/MM_FEW_TILES share, the tiny preset's products (2^21-2^25 multiply-adds) were
+ * one or two tiles, and its step ran 1.3x faster on 2 threads than on 1 (1.8x with it). */
 #define MM_MIN_SPLIT ((size_t)1 << 21)
 #define MM_TILE_M 128
 #define MM_TILE_N 192
 #define MM_TILE_WORK ((size_t)1 << 24)
+#define MM_FEW_TILES 16
 #define MM_CHUNK_K 256
 #define MM_MIN_TILES 64
 
@@ -49,8 +54,11 @@ static size_t part_of(size_t n, size_t least, size_t align) {
 MatmulPlan matmul_plan(size_t M, size_t N, size_t K, int plain) {
     MatmulPlan t = {M, N, K, 1, 1, 1};
     if (M * N * K < MM_MIN_SPLIT) return t;
+    size_t work = M * N * K / MM_FEW_TILES; /* a tile's least work */
+    if (work > MM_TILE_WORK) work = MM_TILE_WORK;
+    if (work < MM_MIN_SPLIT) work = MM_MIN_SPLIT;
     size_t lm = MM_TILE_M, ln = MM_TILE_N; /* least tile sides: grown to the least work */
-    while (lm * ln * K < MM_TILE_WORK && (2 * lm <= M || 2 * ln <= N)) {
+    while (lm * ln * K < work && (2 * lm <= M || 2 * ln <= N)) {
         if (2 * ln <= N && (ln <= lm || 2 * lm > M)) ln *= 2;
         else lm *= 2;
     }
@@ -61,7 +69,7 @@ MatmulPlan matmul_plan(size_t M, size_t N, size_t K, int plain) {
     size_t tiles = t.mt * t.nt;
     if (plain && tiles < MM_MIN_TILES && K >= 2 * MM_CHUNK_K && K >= 2 * (M > N ? M : N)) {
         size_t chunks = K / MM_CHUNK_K, want = ceil_div(MM_MIN_TILES, tiles);
-        size_t by_work = K * (t.tm * t.tn) / MM_TILE_WORK;
+        size_t by_work = K * (t.tm * t.tn) / work;
         if (chunks > by_work) chunks = by_work > 1 ? by_work : 1;
         t.tk = ceil_div(ceil_div(K, chunks < want ? chunks : want), 16) * 16;
         t.kt = ceil_div(K, t.tk);

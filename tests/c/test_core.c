@@ -102,7 +102,7 @@ static void same_bits(const char *what, const float *a, const float *b, size_t n
 
 /* Each case names the branch of matmul_plan() in csrc/core/kernels.c it reaches (products
  * of at least MM_MIN_SPLIT = 2^21 multiply-adds are split): one call; row tiles (at least
- * 128 rows and 2^24 multiply-adds each); column tiles (at least 192 columns); both; K
+ * 128 rows and, in large products, 2^24 multiply-adds each); column tiles (at least 192 columns); both; K
  * chunks (no epilogue, fewer than 64 output tiles, K >= 512 and >= twice the output's
  * longer side), alone or with output tiles. Sizes are
  * not multiples of the tile alignments, so the last tiles are short ones; `pad` widens the
@@ -279,6 +279,28 @@ static void test_matmul_plan_scales(void) {
     }
     printf("matmul_plan: at base shapes every layer product offers >= %zu work items, the "
            "head's >= %zu\n", least, head_least);
+}
+
+/* Mid-sized products split too: at the tiny preset's shapes (the built-in task: B 64 x L 32
+ * rows, H 64, FFN 256; 2^22.9-2^25 multiply-adds a product) every product of a
+ * transformer layer offers at least 4 work items, and those of at least 2^24 at least 8
+ * (with tiles of 2^24 alone, most of them were one tile and 2 threads ran the step 1.3x
+ * faster than 1). */
+static void test_matmul_plan_splits_mid_sized(void) {
+    const size_t M = 64 * 32, H = 64, F = 256;
+    const size_t layer[][2] = {{H, 3 * H}, {H, H}, {H, F}, {F, H}}; /* in, out */
+    size_t least = (size_t)-1;
+    for (size_t i = 0; i < 4; i++) {
+        size_t in = layer[i][0], out = layer[i][1];
+        MatmulPlan p[3] = {matmul_plan(M, out, in, 0), matmul_plan(M, in, out, 1),
+                           matmul_plan(out, in, M, 1)};
+        for (int j = 0; j < 3; j++) {
+            size_t items = p[j].mt * p[j].nt * p[j].kt, want = M * in * out >= ((size_t)1 << 24) ? 8 : 4;
+            CHECK(items >= want, "tiny layer product %zu -> %zu (%d): %zu work items", in, out, j, items);
+            if (items < least) least = items;
+        }
+    }
+    printf("matmul_plan: at tiny shapes every layer product offers >= %zu work items\n", least);
 }
 
 /* ---- layernorm -------------------------------------------------------------------- */
@@ -822,6 +844,7 @@ int main(void) {
 #endif
     test_matmul(&s);
     test_matmul_plan_scales();
+    test_matmul_plan_splits_mid_sized();
     test_layernorm(&s);
     test_activations(&s);
     test_attention(&s);
