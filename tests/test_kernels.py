@@ -149,18 +149,18 @@ def _assert_product_close(got, ref, K, name):
 
 
 # matmul_plan() in csrc/core/kernels.c splits products of >= 2^21 multiply-adds in tiles of
-# at least 128 rows by 192 columns and 2^24 multiply-adds (a 16th of a smaller product,
+# at least 128 rows by 192 columns and 2^24 multiply-adds (an 8th of a smaller product,
 # down to 2^21), and, with no epilogue and
 # K >= max(512, 2 max(M, N)) when there are fewer than 64 tiles, K in chunks; the
 # comments name the plan with bias / without.
 @pytest.mark.parametrize("M,K,N", [
     (1, 1, 1),          # one call / one call
     (7, 33, 5),         # one call / one call
-    (2049, 300, 96),    # 13 row tiles, the last short / the same
+    (2049, 300, 96),    # 8 row tiles, the last short / the same
     (40, 400, 2030),    # 10 column tiles / the same
-    (600, 256, 800),    # 2 x 4 tiles / the same
-    (384, 2048, 128),   # 3 row tiles / 3 row tiles x 5 K chunks
-    (64, 11000, 48),    # one call / 16 K chunks
+    (600, 256, 800),    # 2 x 2 tiles / the same
+    (384, 2048, 128),   # 3 row tiles / 3 row tiles x 2 K chunks
+    (64, 11000, 48),    # one call / 8 K chunks
     (48, 1200, 40),     # one call / one call (too little work for a tile)
 ])
 def test_linear_matches_numpy_and_is_thread_independent(M, K, N):
@@ -180,8 +180,8 @@ def test_linear_matches_numpy_and_is_thread_independent(M, K, N):
 
 
 @pytest.mark.parametrize("V,E,M", [
-    (300, 130, 3000),  # dW = dlogits^T h: 2 row tiles x 9 K chunks (A transposed, accumulating); dh = dlogits W: 19 row tiles
-    (120, 140, 2200),  # dW: 8 K chunks; dh: 14 row tiles
+    (300, 130, 3000),  # dW = dlogits^T h: 2 row tiles x 4 K chunks (A transposed, accumulating); dh = dlogits W: 11 row tiles
+    (120, 140, 2200),  # dW: 8 K chunks; dh: 8 row tiles
     (48, 1000, 50),    # dW: 2 column tiles; dh: 2 column tiles
 ])
 def test_weight_gradient_products_match_numpy_and_are_thread_independent(V, E, M):

@@ -33,13 +33,15 @@ static void sgemm_block(int ta, int tb, size_t M, size_t N, size_t K, float alph
  * Each tile is a single-threaded sgemm. Its sides keep the packing copies near 1% of its
  * multiply-adds, and its work keeps OpenBLAS's per-call cost (buffer pool, locks) small:
  * 4x smaller tiles cost up to a third of the 2-thread speed at K 256 (measured). Without
- * the 1/MM_FEW_TILES share, the tiny preset's products (2^21-2^25 multiply-adds) were
- * one or two tiles, and its step ran 1.3x faster on 2 threads than on 1 (1.8x with it). */
+ * the 1/MM_FEW_TILES share, the tiny preset's products (2^22-2^25 multiply-adds) were
+ * one or two tiles, and its step ran 1.3x faster on 2 threads than on 1 (1.85x with it);
+ * a 16th instead of an 8th re-packs the weights more often, 3% of the SPEC small
+ * teacher's 1-thread step, for no gain at 2 (measured). */
 #define MM_MIN_SPLIT ((size_t)1 << 21)
 #define MM_TILE_M 128
 #define MM_TILE_N 192
 #define MM_TILE_WORK ((size_t)1 << 24)
-#define MM_FEW_TILES 16
+#define MM_FEW_TILES 8
 #define MM_CHUNK_K 256
 #define MM_MIN_TILES 64
 
