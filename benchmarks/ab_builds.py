@@ -7,7 +7,8 @@ builds (each round a fresh process per build); the fastest time of each over the
         --threads 1,2 --out benchmarks/results/ab_builds.json
 
 A build is a checkout with its extension built in place; its folder goes first on the
-child's sys.path. "small" is issue 15's (V 16000, batch 32 x 64), "diffuseq_base" batch
+child's sys.path. "tiny" is the built-in task's model at batch 64 x 32; "small" is the
+preset (SPEC's E 64, H 128, 3 layers) at V 16000, batch 32 x 64; "diffuseq_base" batch
 8 x 128. Prints B's speed relative to A per preset and thread count; writes JSON.
 """
 import argparse
