@@ -14,6 +14,10 @@ side by side in one run, same weights, inputs and threads, alternated (medians):
   the AMX bf16 peak measured here (dlmone's bf16 product on a 2048^3 square, packing
   included), for dlmone and torch alike.
 
+On a CPU without AMX-BF16 the float32 rows (the issue's float32 goals at its shapes)
+are still measured; torch's autocast there runs bf16 without hardware support, so it is
+timed once, on the small forward, as the evidence that float32 is the peer on such a CPU.
+
   python benchmarks/run_all.py --only bf16 --threads 2
 """
 from __future__ import annotations
@@ -119,46 +123,66 @@ def _train_fns(cfg, model, ref, batch: int, seed: int) -> Dict[str, Any]:
             "torch fp32": step.torch}
 
 
+def _without_amx(fns: Dict[str, Any], name: str, forward: bool) -> Dict[str, Any]:
+    """The timings a CPU without AMX-BF16 can give: no dlmone bf16; torch's autocast only
+    on the small forward (it emulates bf16 there, about 9x slower than its float32)."""
+    keep = {"dlmone fp32", "torch fp32"} | ({"torch bf16"} if forward and name != "base" else set())
+    return {k: v for k, v in fns.items() if k in keep}
+
+
 def run(ctx: Context) -> List[Row]:
     import dlmone
 
-    if not dlmone.build_info()["amx_bf16"]:
-        return [Row(SECTION, "bf16 on AMX", "tok/s", None, note="not measured: no AMX-BF16 on this CPU")]
+    amx = dlmone.build_info()["amx_bf16"]
     rows: List[Row] = []
-    peak = amx_peak(ctx)
-    log(f"AMX bf16 product peak: {peak['gflops']:.0f} GFLOP/s ({peak['n']}^3)")
+    peak = None
+    if amx:
+        peak = amx_peak(ctx)
+        log(f"AMX bf16 product peak: {peak['gflops']:.0f} GFLOP/s ({peak['n']}^3)")
+    else:
+        log("no AMX-BF16 on this CPU: float32 rows only")
     for name, s in (QUICK_SHAPES if ctx.quick else SHAPES).items():
         plan = ctx.plan(BASE_PLAN if name == "base" else PLAN, QUICK)
         cfg, model, ref = common.model_pair(s["preset"], s["seq_len"], seed=ctx.seed, **s["overrides"])
         log(f"bf16 {name}: {model!r}")
-        fwd = common.interleaved(_forward_fns(model, ref, s["forward_batch"], ctx.seed), reps=plan["reps"],
+        fwd_fns = _forward_fns(model, ref, s["forward_batch"], ctx.seed)
+        fwd = common.interleaved(fwd_fns if amx else _without_amx(fwd_fns, name, True), reps=plan["reps"],
                                  warmup=plan["warmup"], min_block_s=plan["min_block"])
         model.inference_precision = "float32"
         tok = s["forward_batch"] * cfg.seq_len
         timings = {k: v.to_dict() for k, v in fwd.items()}
-        rows.append(Row(SECTION, f"{name} forward bf16, batch {s['forward_batch']}x{cfg.seq_len}", "tok/s",
-                        tok / fwd["dlmone bf16"].median, tok / fwd["torch bf16"].median, FORWARD_GOAL_BF16,
-                        b_label="torch autocast", details={"timings": timings}))
+        if amx:
+            rows.append(Row(SECTION, f"{name} forward bf16, batch {s['forward_batch']}x{cfg.seq_len}", "tok/s",
+                            tok / fwd["dlmone bf16"].median, tok / fwd["torch bf16"].median, FORWARD_GOAL_BF16,
+                            b_label="torch autocast", details={"timings": timings}))
         rows.append(Row(SECTION, f"{name} forward fp32, batch {s['forward_batch']}x{cfg.seq_len}", "tok/s",
                         tok / fwd["dlmone fp32"].median, tok / fwd["torch fp32"].median,
                         details={"timings": timings}))
-        train = common.interleaved(_train_fns(cfg, model, ref, s["train_batch"], ctx.seed), reps=plan["reps"],
+        if not amx and "torch bf16" in fwd:
+            rows.append(Row(SECTION, f"{name} forward, torch fp32 vs torch bf16 autocast (no AMX)", "tok/s",
+                            tok / fwd["torch fp32"].median, tok / fwd["torch bf16"].median, a_label="torch fp32",
+                            b_label="torch autocast", note="no AMX-BF16: torch's autocast emulates bf16",
+                            details={"timings": timings}))
+        train_fns = _train_fns(cfg, model, ref, s["train_batch"], ctx.seed)
+        train = common.interleaved(train_fns if amx else _without_amx(train_fns, name, False), reps=plan["reps"],
                                    warmup=plan["warmup"], min_block_s=plan["min_block"])
         model.precision = "float32"
         tok = s["train_batch"] * cfg.seq_len
         timings = {k: v.to_dict() for k, v in train.items()}
-        rows.append(Row(SECTION, f"{name} train step bf16, batch {s['train_batch']}x{cfg.seq_len}", "tok/s",
-                        tok / train["dlmone bf16"].median, tok / train["torch bf16"].median, TRAIN_GOAL_BF16,
-                        b_label="torch autocast", details={"timings": timings}))
+        if amx:
+            rows.append(Row(SECTION, f"{name} train step bf16, batch {s['train_batch']}x{cfg.seq_len}", "tok/s",
+                            tok / train["dlmone bf16"].median, tok / train["torch bf16"].median, TRAIN_GOAL_BF16,
+                            b_label="torch autocast", details={"timings": timings}))
         rows.append(Row(SECTION, f"{name} train step fp32, batch {s['train_batch']}x{cfg.seq_len}", "tok/s",
                         tok / train["dlmone fp32"].median, tok / train["torch fp32"].median,
                         TRAIN_GOAL_FP32.get(name), details={"timings": timings}))
-        flops = common.train_step_flops(cfg, s["train_batch"], cfg.seq_len)["total"]
-        mfu = {k: flops / train[k].median / 1e9 / peak["gflops"] for k in ("dlmone bf16", "torch bf16")}
-        rows.append(Row(SECTION, f"{name} bf16 train step MFU vs the AMX peak", "fraction", mfu["dlmone bf16"],
-                        mfu["torch bf16"], b_label="torch autocast",
-                        note=f"model FLOPs {flops / 1e9:.1f} G a step; AMX peak {peak['gflops']:.0f} GFLOP/s",
-                        details={"peak": peak, "flops": flops}))
+        if amx:
+            flops = common.train_step_flops(cfg, s["train_batch"], cfg.seq_len)["total"]
+            mfu = {k: flops / train[k].median / 1e9 / peak["gflops"] for k in ("dlmone bf16", "torch bf16")}
+            rows.append(Row(SECTION, f"{name} bf16 train step MFU vs the AMX peak", "fraction", mfu["dlmone bf16"],
+                            mfu["torch bf16"], b_label="torch autocast",
+                            note=f"model FLOPs {flops / 1e9:.1f} G a step; AMX peak {peak['gflops']:.0f} GFLOP/s",
+                            details={"peak": peak, "flops": flops}))
         del model, ref
         gc.collect()
     ctx.info[SECTION] = {"amx_peak": peak, "shapes": {k: {kk: vv for kk, vv in v.items()}
