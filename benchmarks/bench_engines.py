@@ -179,6 +179,9 @@ def main() -> None:
     import dlmone
     dlmone.set_num_threads(args.threads)
     eng = Engines(args.threads)
+    precisions = (False, True) if dlmone.build_info()["amx_bf16"] else (False,)
+    if len(precisions) == 1:
+        eng.notes["bf16"] = "not measured: no AMX-BF16 on this CPU (dlmone's bf16 products need it)"
     rng = np.random.default_rng(0)
     results = []
     for preset in args.shapes.split(","):
@@ -187,7 +190,7 @@ def main() -> None:
                 a = rng.standard_normal(ashape, dtype=np.float32)
                 b = rng.standard_normal(bshape, dtype=np.float32) * np.float32(1 / np.sqrt(k))
                 want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
-                for bf16 in (False, True):
+                for bf16 in precisions:
                     fns = eng.callables(m, n, k, ta, tb, a, b, bf16)
                     eng.check(fns, want, bf16)
                     t = interleaved(fns, reps=args.reps, warmup=2, min_block_s=0.05, settle_s=0.05)
@@ -203,7 +206,7 @@ def main() -> None:
     # per preset and precision: the summed time of the products of one step, per engine
     summary = {}
     for preset in args.shapes.split(","):
-        for prec in ("float32", "bf16"):
+        for prec in ("float32", "bf16")[:len(precisions)]:
             rows = [r for r in results if r["preset"] == preset and r["precision"] == prec]
             engines = set.intersection(*(set(r["gflops"]) for r in rows))
             secs = {e: sum(2.0 * r["m"] * r["n"] * r["k"] / (r["gflops"][e] * 1e9) for r in rows) for e in engines}
