@@ -540,8 +540,9 @@ def test_affine_argmax(rng):
 
 
 def test_affine_argmax_across_vocabulary_blocks():
-    """The vocabulary is scanned in blocks (4096 entries): still the first index of the
-    largest score, as one left-to-right scan with '>' (a NaN never wins)."""
+    """The vocabulary is scanned in blocks (4096 entries): still the index one
+    left-to-right scan with '>' from entry 0 gives: the first of the largest scores; a NaN
+    never replaces the best so far, and a NaN at entry 0 is never replaced."""
     V = 10000
     x = np.ones((2, 1), np.float32)  # scores are exactly W[:, 0] + c
 
@@ -561,6 +562,8 @@ def test_affine_argmax_across_vocabulary_blocks():
     assert argmax(v) == 5000  # a NaN opening a block does not hide it
     c = np.zeros(V, np.float32); c[7000] = 9.0
     assert argmax(v, c) == 7000  # the offsets count
+    v = base.copy(); v[0] = np.nan; v[5000] = 5.0
+    assert argmax(v) == 0  # the scan starts from entry 0, and nothing is '>' a NaN
 
 
 def test_clamp_to_embeddings(rng, tiny_cfg):

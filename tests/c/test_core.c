@@ -102,7 +102,8 @@ static void same_bits(const char *what, const float *a, const float *b, size_t n
 
 /* Each case names the branch of matmul_plan() in csrc/core/kernels.c it reaches (products
  * of at least MM_MIN_SPLIT = 2^21 multiply-adds are split): one call; row tiles (at least
- * 128 rows and, in large products, 2^24 multiply-adds each); column tiles (at least 192 columns); both; K
+ * 128 rows and, in large products, 2^24 multiply-adds each); column tiles (at least 192
+ * columns); both; K
  * chunks (no epilogue, fewer than 64 output tiles, K >= 512 and >= twice the output's
  * longer side), alone or with output tiles. Sizes are
  * not multiples of the tile alignments, so the last tiles are short ones; `pad` widens the
@@ -251,15 +252,12 @@ static void test_matmul(uint64_t *s) {
     printf("matmul_epilogue: %zu shapes (every tile-plan branch) against double precision\n", n);
 }
 
-/* The plan scales with the thread count: at DiffuSeq base's shapes (B 16 x L 128 rows,
- * H 768, FFN 3072) every product of a transformer layer (forward, dx, dW: 12 layers, 94%
- * of the multiply-adds of a step's products outside attention) offers at least 64 independent work items (tiles times K
- * chunks). The tied head (V 30522, E 128, in float32 chunks of 128 rows) has K = 128 on
- * two of its products, whose tiles need more outputs to pay for a call: at least 16. */
-static void test_matmul_plan_scales(void) {
-    const size_t M = 16 * 128, H = 768, F = 3072, E = 128, V = 30522, R = 128;
+/* The least work items (tiles times K chunks) over the products of one transformer layer
+ * (forward, dx, dW of QKV, attention out, FFN up and down) at M token rows; every product
+ * must offer at least `want`. */
+static size_t layer_plan_least(const char *preset, size_t M, size_t H, size_t F, size_t want) {
     const size_t layer[][2] = {{H, 3 * H}, {H, H}, {H, F}, {F, H}}; /* in, out */
-    size_t least = (size_t)-1, head_least = (size_t)-1;
+    size_t least = (size_t)-1;
     for (size_t i = 0; i < 4; i++) {
         size_t in = layer[i][0], out = layer[i][1];
         MatmulPlan p[3] = {matmul_plan(M, out, in, 0),  /* y = x W^T + b */
@@ -267,39 +265,35 @@ static void test_matmul_plan_scales(void) {
                            matmul_plan(out, in, M, 1)}; /* dW += dy^T x */
         for (int j = 0; j < 3; j++) {
             size_t items = p[j].mt * p[j].nt * p[j].kt;
-            CHECK(items >= 64, "layer product %zu -> %zu (%d): %zu work items", in, out, j, items);
+            CHECK(items >= want, "%s layer product %zu -> %zu (%d): %zu work items", preset, in, out, j,
+                  items);
             if (items < least) least = items;
         }
     }
+    return least;
+}
+
+/* The plan scales with the thread count: at DiffuSeq base's shapes (B 16 x L 128 rows,
+ * H 768, FFN 3072) every product of a transformer layer (12 layers, 94% of the
+ * multiply-adds of a step's products outside attention) offers at least 64 independent
+ * work items. The tied head (V 30522, E 128, in float32 chunks of 128 rows) has K = 128 on
+ * two of its products, whose tiles need more outputs to pay for a call: at least 16.
+ * Mid-sized products split too: at the tiny preset's shapes (the built-in task: B 64 x
+ * L 32 rows, H 64, FFN 256; 2^23-2^25 multiply-adds a product) every layer product offers
+ * at least 4 (with tiles of 2^24 alone, most were one tile and 2 threads ran the step 1.3x
+ * faster than 1). */
+static void test_matmul_plan_scales(void) {
+    const size_t E = 128, V = 30522, R = 128;
+    size_t least = layer_plan_least("base", 16 * 128, 768, 3072, 64), head_least = (size_t)-1;
     MatmulPlan head[3] = {matmul_plan(R, V, E, 0), matmul_plan(R, E, V, 1), matmul_plan(V, E, R, 1)};
     for (int j = 0; j < 3; j++) {
         size_t items = head[j].mt * head[j].nt * head[j].kt;
         CHECK(items >= 16, "tied head product %d: %zu work items", j, items);
         head_least = items < head_least ? items : head_least;
     }
-    printf("matmul_plan: at base shapes every layer product offers >= %zu work items, the "
-           "head's >= %zu\n", least, head_least);
-}
-
-/* Mid-sized products split too: at the tiny preset's shapes (the built-in task: B 64 x L 32
- * rows, H 64, FFN 256; 2^23-2^25 multiply-adds a product) every product of a
- * transformer layer offers at least 4 work items (with tiles of 2^24 alone, most of them
- * were one tile and 2 threads ran the step 1.3x faster than 1). */
-static void test_matmul_plan_splits_mid_sized(void) {
-    const size_t M = 64 * 32, H = 64, F = 256;
-    const size_t layer[][2] = {{H, 3 * H}, {H, H}, {H, F}, {F, H}}; /* in, out */
-    size_t least = (size_t)-1;
-    for (size_t i = 0; i < 4; i++) {
-        size_t in = layer[i][0], out = layer[i][1];
-        MatmulPlan p[3] = {matmul_plan(M, out, in, 0), matmul_plan(M, in, out, 1),
-                           matmul_plan(out, in, M, 1)};
-        for (int j = 0; j < 3; j++) {
-            size_t items = p[j].mt * p[j].nt * p[j].kt;
-            CHECK(items >= 4, "tiny layer product %zu -> %zu (%d): %zu work items", in, out, j, items);
-            if (items < least) least = items;
-        }
-    }
-    printf("matmul_plan: at tiny shapes every layer product offers >= %zu work items\n", least);
+    size_t tiny_least = layer_plan_least("tiny", 64 * 32, 64, 256, 4);
+    printf("matmul_plan: every layer product offers >= %zu work items at base shapes (the "
+           "head's >= %zu), >= %zu at tiny shapes\n", least, head_least, tiny_least);
 }
 
 /* ---- layernorm -------------------------------------------------------------------- */
@@ -843,7 +837,6 @@ int main(void) {
 #endif
     test_matmul(&s);
     test_matmul_plan_scales();
-    test_matmul_plan_splits_mid_sized();
     test_layernorm(&s);
     test_activations(&s);
     test_attention(&s);
