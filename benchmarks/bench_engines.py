@@ -206,7 +206,7 @@ def main() -> None:
     # per preset and precision: the summed time of the products of one step, per engine
     summary = {}
     for preset in args.shapes.split(","):
-        for prec in ("float32", "bf16")[:len(precisions)]:
+        for prec in ("bf16" if bf16 else "float32" for bf16 in precisions):
             rows = [r for r in results if r["preset"] == preset and r["precision"] == prec]
             engines = set.intersection(*(set(r["gflops"]) for r in rows))
             secs = {e: sum(2.0 * r["m"] * r["n"] * r["k"] / (r["gflops"][e] * 1e9) for r in rows) for e in engines}
