@@ -17,6 +17,7 @@ Sections (--only takes their names):
                sampler on the built-in task, sequences/s, and where the student's time goes
   bf16      bf16 on AMX (training step, forward, MFU vs the AMX peak) vs PyTorch bf16 autocast
   busy      the training step next to a busy process: fixed threads, 1 thread, ThreadGovernor
+  barriers  OpenMP regions and barriers a training step opens, and their share of the step
   scaling   5. dlmone's training step at --threads vs 1 thread
   memory    6. peak RSS of a training step (fresh process) vs params+grads+AdamW+activations
 
@@ -40,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import bench_barriers  # noqa: E402
 import bench_bf16  # noqa: E402
 import bench_busy  # noqa: E402
 import bench_distill  # noqa: E402
@@ -74,6 +76,7 @@ SECTIONS: Dict[str, Section] = {s.name: s for s in (
             bench_generate.run_end_to_end, False),
     Section("bf16", bench_bf16.TITLE, bench_bf16.run, True),
     Section("busy", bench_busy.TITLE, bench_busy.run, False),
+    Section("barriers", bench_barriers.TITLE, bench_barriers.run, False),
     Section("scaling", bench_train.SCALING_TITLE, bench_train.run_scaling, False),
     Section("memory", bench_memory.TITLE, bench_memory.run, False),
 )}

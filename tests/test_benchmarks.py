@@ -68,6 +68,22 @@ def test_run_all_rejects_unknown_section(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_barriers_section_counts_the_regions_of_a_step(tmp_path):
+    """run_all's barriers section builds its libgomp shim and region timer with the C
+    compiler and counts the parallel regions of a tiny training step: a step opens dozens
+    (one per kernel), and their fork/join cost is a positive share of the step."""
+    out = tmp_path / "barriers.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--only", "barriers",
+                           "--threads", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["name"].split(": ")[-1]: r for r in _strict_json(out.read_text())["rows"]}
+    count = rows["regions + barriers a step"]
+    assert count["a"] is not None, count["note"]
+    assert 20 <= count["a"] <= 1000 and count["details"]["regions"] >= 20
+    assert 0 < count["details"]["region_s"] < 1e-3
+    assert 0 < rows["their fork/join cost"]["a"] < 100
+
+
 def test_ab_builds_compares_a_build_with_itself(tmp_path):
     """benchmarks/ab_builds.py on this checkout against itself: one round, small, 1 thread."""
     root = BENCH.parent
