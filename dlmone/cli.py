@@ -12,6 +12,7 @@ from . import build_info, set_num_threads
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .config_io import apply_overrides, read_config_file
 from .distributed import world
+from .model import DiffusionTransformer, PrecisionUnavailableError
 
 # the commands that run data-parallel under mpirun (the others run in one process)
 MPI_COMMANDS = ("train-teacher", "distill", "generate")
@@ -90,8 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .api import load
     from .data import decode_targets, encode_pairs
     from .metrics import evaluate
-    if args.precision == "bf16" and not build_info()["amx_bf16"]:
-        raise ValueError("--precision bf16 needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later)")
+    DiffusionTransformer.check_precision("--precision", args.precision)  # before loading anything
     say = _say(args)
     model = load(args.model)
     sources, targets = _generation_input(args)
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="steps per stage")
     d.add_argument("--precision", choices=["float32", "bf16"],
                    help="bf16: G and psi train in mixed precision on Intel AMX")
-    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override (distill.alpha=1.0)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (stage1.alpha=1.0, adv_weight=10)")
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_distill, set_prefix="distill.")
 
@@ -376,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with args.comm.fail_fast():  # under mpirun: an error on one rank stops every rank
             return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, PrecisionUnavailableError) as e:
         print(f"dlmone: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,6 +35,10 @@ def as_tokens(a: Any, name: str = "tokens") -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+class PrecisionUnavailableError(RuntimeError):
+    """bf16 was asked for where it cannot run: the CPU or the build has no AMX-BF16."""
+
+
 @dataclass
 class ModelConfig:
     """Sizes of the network (SPEC §3) and of its diffusion (SPEC §4).
@@ -178,12 +182,14 @@ class DiffusionTransformer:
         self._inference_precision = "float32"
 
     @classmethod
-    def _check_precision(cls, name: str, value: str) -> str:
+    def check_precision(cls, name: str, value: str) -> str:
+        """``value`` if it names a precision this machine can run; ValueError for an
+        unknown one, PrecisionUnavailableError for bf16 without AMX-BF16."""
         if value not in cls.PRECISIONS:
             raise ValueError(f"{name} must be one of {cls.PRECISIONS}, got {value!r}")
         if value == "bf16" and not _core.build_info()["amx_bf16"]:
-            raise RuntimeError(f"{name}='bf16' needs a CPU with AMX-BF16 (Intel Sapphire Rapids or "
-                               "later); this machine or build has none")
+            raise PrecisionUnavailableError(f"{name}='bf16' needs a CPU with AMX-BF16 (Intel Sapphire "
+                                            "Rapids or later); this machine or build has none")
         return value
 
     @property
@@ -193,7 +199,7 @@ class DiffusionTransformer:
 
     @precision.setter
     def precision(self, value: str) -> None:
-        self._precision = self._check_precision("precision", value)
+        self._precision = self.check_precision("precision", value)
 
     @property
     def inference_precision(self) -> str:
@@ -202,7 +208,7 @@ class DiffusionTransformer:
 
     @inference_precision.setter
     def inference_precision(self, value: str) -> None:
-        self._inference_precision = self._check_precision("inference_precision", value)
+        self._inference_precision = self.check_precision("inference_precision", value)
 
     def _views(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
         views = {name: flat[off:off + int(np.prod(shape))].reshape(shape)

@@ -257,6 +257,26 @@ def test_generate_bf16(env, gen_files, tmp_path):
     assert same >= 5
 
 
+def test_bf16_training_without_amx_is_a_clean_error(env, tmp_path, capsys):
+    """--precision bf16 (or a config saying so) on a CPU without AMX-BF16: exit 2 with one
+    'dlmone: error:' line naming the requirement, no traceback, nothing written."""
+    import dlmone
+
+    if dlmone.build_info()["amx_bf16"]:
+        pytest.skip("this CPU runs bf16: nothing to refuse")
+    for n, cmd in enumerate((
+            ["train-teacher", "--data", env["data"], "--steps", "1", "--precision", "bf16"],
+            ["train-teacher", "--data", env["data"], "--steps", "1", "--set", "precision=bf16"],
+            ["distill", "--teacher", env["teacher"], "--data", env["data"], "--steps", "1",
+             "--set", "t_init=40", "--set", "t_max=45", "--precision", "bf16"],
+            ["generate", "--model", env["teacher"], "--data", env["data"], "--precision", "bf16"])):
+        out = tmp_path / f"run{n}"
+        assert main(["--quiet"] + cmd + ["--out", str(out)]) == 2, cmd
+        err = capsys.readouterr().err
+        assert err.startswith("dlmone: error:") and "AMX-BF16" in err and "Traceback" not in err, err
+        assert not out.exists(), cmd
+
+
 def test_generate_builtin_data_and_ancestral(env, tmp_path):
     out = tmp_path / "b.jsonl"
     assert main(["--quiet", "generate", "--model", env["teacher"], "--data", "builtin", "--split", "valid",
