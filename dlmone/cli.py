@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="steps per stage")
     d.add_argument("--precision", choices=["float32", "bf16"],
                    help="bf16: G and psi train in mixed precision on Intel AMX")
-    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (stage1.alpha=1.0, adv_weight=10)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field (stage1.alpha=1.0, adv_weight=10)")
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_distill, set_prefix="distill.")
 
